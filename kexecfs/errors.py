@@ -1,0 +1,34 @@
+"""The one error type of kexecfs: an errno for the caller, a sentence for the log.
+
+The kernel's pseudo filesystems answer bad input with an errno only; kexecfs does the
+same at the interface and writes the precise reason into the daemon's log, so every
+core function raises :class:`KexecfsError` and the FUSE layer maps it to both.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class KexecfsError(Exception):
+    """A refused request: ``errno`` goes back to the caller, ``message`` to the log."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} ({_errno.errorcode.get(self.errno, self.errno)})"
+
+
+def fail(errno: int, message: str) -> KexecfsError:
+    """Build a KexecfsError; ``raise fail(EBUSY, "...")`` reads like the kernel's ``return -EBUSY``."""
+    return KexecfsError(errno, message)
+
+
+def from_oserror(exc: OSError, what: str) -> KexecfsError:
+    """Wrap an OSError from a syscall on the caller's behalf, keeping its errno."""
+    code = exc.errno or _errno.EIO
+    return KexecfsError(code, f"{what}: {os.strerror(code)}")

@@ -1,0 +1,68 @@
+"""memfd: an unlinked shmem file, e.g. a VM's guest RAM. Its contents go into the image."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from typing import Any
+
+from ..image import HandoverImage, ImageWriter
+from .. import syscalls
+from . import Kind
+
+_MFD_PREFIX, _MFD_SUFFIX = "/memfd:", " (deleted)"
+
+
+def memfd_name(fd: int) -> str:
+    """The name given to memfd_create(), read back from the /proc link of ``fd``."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    if target.startswith(_MFD_PREFIX):
+        target = target[len(_MFD_PREFIX):]
+    return target.removesuffix(_MFD_SUFFIX)
+
+
+class Memfd(Kind):
+    name = "memfd"
+
+    @staticmethod
+    def accepts(st: os.stat_result, fs_type: int) -> bool:
+        # "Any unlinked shmem file": memfd_create, O_TMPFILE on tmpfs, an unlinked
+        # /dev/shm file. hugetlbfs memfds are refused: their pages cannot be copied
+        # into a file with the ordinary page-size windows used here.
+        return stat.S_ISREG(st.st_mode) and fs_type == syscalls.TMPFS_MAGIC and st.st_nlink == 0
+
+    def capture(self, fd: int) -> dict[str, Any]:
+        st = os.fstat(fd)
+        return {"size": st.st_size, "pos": os.lseek(fd, 0, os.SEEK_CUR),
+                "flags": fcntl.fcntl(fd, fcntl.F_GETFL), "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS),
+                "name": memfd_name(fd), "mode": stat.S_IMODE(st.st_mode)}
+
+    def serialize(self, fd: int, writer: ImageWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
+        record = self.capture(fd)
+        # The service may have opened it write-only; a read-only open of the same inode
+        # (through our own /proc entry) lets the writer map it.
+        readable = fd if record["flags"] & os.O_ACCMODE != os.O_WRONLY else \
+            os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if previous is None:
+                record["extents"] = writer.copy_contents(readable, record["size"])
+            else:
+                record["extents"] = writer.refresh_contents(readable, record["size"], previous["extents"])
+        finally:
+            if readable != fd:
+                os.close(readable)
+        return record
+
+    def restore(self, record: dict[str, Any], image: HandoverImage) -> int:
+        fd = os.memfd_create(record.get("name", "kexecfs"), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, record["size"])
+            image.copy_into(fd, record.get("extents", []))
+            os.lseek(fd, record.get("pos", 0), os.SEEK_SET)
+            if record.get("seals"):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, record["seals"])
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd

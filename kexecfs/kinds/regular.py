@@ -1,0 +1,77 @@
+"""A regular file on a persistent filesystem: remembered by file handle and path.
+
+Its contents stay where they are (the disk survives a kexec); the image only holds
+how to find the same file again and how it was open.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from typing import Any
+
+from ..errors import fail
+from ..image import HandoverImage, ImageWriter
+from .. import syscalls
+from . import Kind, non_persistent
+
+# The open flags that describe how the file was open, as opposed to how it was opened.
+_KEPT_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | getattr(os, "O_DIRECT", 0)
+
+
+class RegularFile(Kind):
+    name = "file"
+
+    @staticmethod
+    def accepts(st: os.stat_result, fs_type: int) -> bool:
+        return stat.S_ISREG(st.st_mode) and not non_persistent(fs_type) and st.st_nlink > 0
+
+    def capture(self, fd: int) -> dict[str, Any]:
+        st = os.fstat(fd)
+        record: dict[str, Any] = {
+            "size": st.st_size, "pos": os.lseek(fd, 0, os.SEEK_CUR),
+            "flags": fcntl.fcntl(fd, fcntl.F_GETFL) & _KEPT_FLAGS,
+            "path": os.readlink(f"/proc/self/fd/{fd}"), "dev": st.st_dev, "ino": st.st_ino,
+        }
+        try:
+            record["handle_type"], record["handle"], _mount_id = syscalls.name_to_handle(fd)
+        except OSError:
+            pass  # filesystems without export support: the path alone will have to do
+        return record
+
+    def serialize(self, fd: int, writer: ImageWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
+        return self.capture(fd)
+
+    def restore(self, record: dict[str, Any], image: HandoverImage) -> int:
+        flags = record["flags"] | os.O_CLOEXEC
+        fd = self._open_by_handle(record, flags)
+        if fd is None:
+            try:
+                fd = os.open(record["path"], flags)
+            except OSError as exc:
+                raise fail(exc.errno or errno.EIO, f"cannot reopen {record['path']}: {exc.strerror}") from None
+            # A path can now name another file: only the same inode is the preserved file.
+            if os.fstat(fd).st_ino != record["ino"]:
+                os.close(fd)
+                raise fail(errno.ESTALE, f"{record['path']} is now another file (inode changed)")
+        os.lseek(fd, record["pos"], os.SEEK_SET)
+        return fd
+
+    @staticmethod
+    def _open_by_handle(record: dict[str, Any], flags: int) -> int | None:
+        if "handle" not in record:
+            return None
+        # open_by_handle_at wants any descriptor on the same filesystem: the nearest
+        # existing ancestor directory of the old path is one.
+        directory = os.path.dirname(record["path"]) or "/"
+        while not os.path.isdir(directory):
+            directory = os.path.dirname(directory)
+        mount_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return syscalls.open_by_handle(mount_fd, record["handle_type"], record["handle"], flags)
+        except OSError:
+            return None
+        finally:
+            os.close(mount_fd)

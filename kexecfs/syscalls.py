@@ -1,0 +1,99 @@
+"""Thin wrappers over the Linux syscalls Python's ``os`` module lacks.
+
+Each one raises ``OSError`` with the kernel's errno, like ``os`` functions do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# x86-64 syscall numbers (asm-generic shares 438 for pidfd_getfd as well).
+_SYS_PIDFD_GETFD = 438
+
+PIDFD_THREAD = os.O_EXCL  # Linux >= 6.9: a pidfd may refer to a non-leader thread
+
+# statfs(2) f_type values (linux/magic.h) of the filesystems kexecfs tells apart.
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+RAMFS_MAGIC = 0x858458F6
+PROC_SUPER_MAGIC = 0x9FA0
+SYSFS_MAGIC = 0x62656572
+DEBUGFS_MAGIC = 0x64626720
+TRACEFS_MAGIC = 0x74726163
+CGROUP2_SUPER_MAGIC = 0x63677270
+DEVPTS_SUPER_MAGIC = 0x1CD1
+FUSE_SUPER_MAGIC = 0x65735546
+
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _raise_errno(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def fstatfs_type(fd: int) -> int:
+    """The f_type of the filesystem holding ``fd`` (``os.fstatvfs`` does not report it)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
+    if _libc.fstatfs(fd, buf) != 0:
+        _raise_errno("fstatfs")
+    return struct.unpack_from("=q", buf.raw)[0] & 0xFFFFFFFF
+
+
+def statfs_type(path: str) -> int:
+    """The f_type of the filesystem at ``path``."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        _raise_errno("statfs")
+    return struct.unpack_from("=q", buf.raw)[0] & 0xFFFFFFFF
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """Duplicate descriptor ``targetfd`` of the process behind ``pidfd`` into this one.
+
+    The result shares the open file description (offset, flags) with the original,
+    which is the point: reopening ``/proc/PID/fd/N`` would make a different open file.
+    """
+    fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, targetfd, 0)
+    if fd < 0:
+        _raise_errno("pidfd_getfd")
+    os.set_inheritable(fd, False)
+    return fd
+
+
+class FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]  # MAX_HANDLE_SZ
+
+
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(FileHandle),
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(FileHandle), ctypes.c_int]
+
+AT_EMPTY_PATH = 0x1000
+
+
+def name_to_handle(fd: int) -> tuple[int, bytes, int]:
+    """(handle_type, handle bytes, mount_id) of the file open as ``fd``."""
+    fh = FileHandle(handle_bytes=128)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH) != 0:
+        _raise_errno("name_to_handle_at")
+    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes]), mount_id.value
+
+
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    """Open a file by the handle :func:`name_to_handle` gave (needs CAP_DAC_READ_SEARCH)."""
+    fh = FileHandle(handle_bytes=len(handle), handle_type=handle_type)
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    if fd < 0:
+        _raise_errno("open_by_handle_at")
+    return fd

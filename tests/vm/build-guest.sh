@@ -1,0 +1,285 @@
+#!/bin/bash
+# Build (or reuse) the qemu guest for `make test-kexec`, under build/vm/:
+#
+#   vmlinuz     stock Debian bookworm kernel (apt-get download linux-image-6.1.0-N-amd64)
+#   stub.img    busybox initramfs: loads virtio/ext4 modules, mounts root read-only,
+#               switch_roots into /usr/sbin/kxvm-init (tests/vm/guest/kxvm-init)
+#   root.ext4   debootstrap minbase + python3, kexec-tools, fuse3, kmod, e2fsprogs,
+#               util-linux + host-built cp311 wheels of kexecfs and its dependencies
+#               + the guest scripts of tests/vm/guest
+#
+# Every layer is cached behind a stamp that holds a sha256 of its inputs (including the
+# text of the shell function that builds it), so an unchanged layer costs nothing and
+# a change of the project's sources only rebuilds the wheels and root.ext4 (seconds),
+# never the debootstrap tree (a minute).
+#
+# Usage: tests/vm/build-guest.sh            (from anywhere; needs root)
+# Env:   PY=python3.11 to build wheels with   (default: .venv/bin/python, else python3)
+#        KXVM_KVER=6.1.0-N-amd64              (default: what linux-image-amd64 depends on)
+#        KXVM_MIRROR=http://deb.debian.org/debian
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+OUT=$REPO/build/vm
+CACHE=$OUT/cache
+SUITE=bookworm
+MIRROR=${KXVM_MIRROR:-http://deb.debian.org/debian}
+GUEST_PY=3.11                   # bookworm's python3; wheels must be cp311
+BASE_PACKAGES=python3,kexec-tools,fuse3,kmod,e2fsprogs,util-linux
+# Modules the stub needs to reach the root disk; the others (fuse, pmem, rng) are
+# loaded by kxvm-init with the guest's own modprobe from the same mini module tree.
+STUB_MODULES="virtio_pci virtio_blk ext4"
+ROOT_MODULES="$STUB_MODULES fuse nd_e820 nd_pmem virtio-rng"
+
+log() { printf '[build-guest %5ss] %s\n' "$SECONDS" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap, mkfs -d with root-owned files)"
+mkdir -p "$OUT" "$CACHE"
+
+# ---------------------------------------------------------------- helpers
+sha() { sha256sum | cut -c1-64; }
+# stamp_ok NAME HASH: true when layer NAME was built from exactly HASH
+stamp_ok() { [ -f "$OUT/$1.stamp" ] && [ "$(cat "$OUT/$1.stamp")" = "$2" ]; }
+stamp_set() { echo "$2" > "$OUT/$1.stamp"; }
+
+ensure_host_packages() {
+    # A fresh bookworm machine has none of these; install only what is missing.
+    local want=(qemu-system-x86 debootstrap kmod cpio e2fsprogs libfuse3-dev pkg-config gcc)
+    local missing=() p
+    for p in "${want[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing host packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# apt_download PKG: the .deb of PKG in $CACHE (downloaded once)
+apt_download() {
+    local pkg=$1 f
+    f=$(ls "$CACHE/${pkg}_"*.deb 2>/dev/null | head -1 || true)
+    if [ -z "$f" ]; then
+        (cd "$CACHE" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) \
+            || { apt-get update -qq && (cd "$CACHE" && apt-get download -q "$pkg" >&2); }
+        f=$(ls "$CACHE/${pkg}_"*.deb | head -1)
+    fi
+    echo "$f"
+}
+
+pick_python() {
+    local py=${PY:-}
+    if [ -z "$py" ]; then
+        if [ -x "$REPO/.venv/bin/python" ]; then py=$REPO/.venv/bin/python; else py=python3; fi
+    fi
+    case "$py" in /*) ;; *) py=$(cd "$REPO" && command -v "$py" || realpath -m "$py");; esac
+    local v; v=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    [ "$v" = "$GUEST_PY" ] || die "$py is Python $v; the bookworm guest runs $GUEST_PY, so the wheels (C extensions) must be built by a $GUEST_PY (set PY=)"
+    echo "$py"
+}
+
+# ---------------------------------------------------------------- kernel
+build_kernel() {
+    # Extract the Debian kernel and make a mini module tree holding only what the guest
+    # loads (with its dependencies), indexed by depmod so both busybox insmod lists
+    # and the guest's kmod modprobe work.
+    local deb=$1 kver=$2 x=$OUT/kernel
+    rm -rf "$x" && mkdir -p "$x/mods/lib/modules/$kver"
+    dpkg-deb -x "$deb" "$x/deb"
+    cp "$x/deb/boot/vmlinuz-$kver" "$x/vmlinuz"
+    depmod -b "$x/deb" "$kver"
+    local m f seen=" "
+    : > "$x/stub.order"
+    for m in $ROOT_MODULES; do
+        for f in $(modprobe -d "$x/deb" -S "$kver" --show-depends "$m" | awk '$1=="insmod"{print $2}'); do
+            f=${f#"$x/deb/lib/modules/$kver/"}
+            case "$seen" in *" $f "*) continue;; esac
+            seen="$seen$f "
+            mkdir -p "$x/mods/lib/modules/$kver/$(dirname "$f")"
+            cp "$x/deb/lib/modules/$kver/$f" "$x/mods/lib/modules/$kver/$f"
+        done
+    done
+    for m in $STUB_MODULES; do
+        modprobe -d "$x/deb" -S "$kver" --show-depends "$m" | awk '$1=="insmod"{print $2}' \
+            | sed "s|^$x/deb/lib/modules/$kver/||" >> "$x/stub.order"
+    done
+    awk '!seen[$0]++' "$x/stub.order" > "$x/stub.order.tmp" && mv "$x/stub.order.tmp" "$x/stub.order"
+    cp "$x/deb/lib/modules/$kver/modules.order" "$x/deb/lib/modules/$kver/modules.builtin"* \
+        "$x/mods/lib/modules/$kver/"
+    depmod -b "$x/mods" "$kver"
+    grep -q '^CONFIG_KEXEC=y' "$x/deb/boot/config-$kver" || die "kernel $kver has no CONFIG_KEXEC"
+    rm -rf "$x/deb"
+}
+
+# ---------------------------------------------------------------- stub initramfs
+build_stub() {
+    local bbdeb=$1 kver=$2 s=$OUT/stub
+    rm -rf "$s" && mkdir -p "$s/root/bin" "$s/root/proc" "$s/root/sys" "$s/root/dev" "$s/root/newroot"
+    dpkg-deb --fsys-tarfile "$bbdeb" | tar -xO ./bin/busybox > "$s/root/bin/busybox"
+    chmod 755 "$s/root/bin/busybox"
+    local a
+    for a in sh mount umount insmod switch_root sleep cat echo poweroff mkdir; do
+        ln -s busybox "$s/root/bin/$a"
+    done
+    mkdir -p "$s/root/lib/modules"
+    cp -a "$OUT/kernel/mods/lib/modules/$kver" "$s/root/lib/modules/"
+    cp "$OUT/kernel/stub.order" "$s/root/modules.load"
+    install -m 755 "$HERE/guest/stub-init" "$s/root/init"
+    (cd "$s/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1) > "$OUT/stub.img"
+    rm -rf "$s"
+}
+
+# ---------------------------------------------------------------- debootstrap base
+build_base() {
+    # The slow layer (~1 min): only rebuilt when the package list, suite or this
+    # function change. Docs, locales and apt caches are dropped (~140 MB left).
+    local b=$OUT/base
+    rm -rf "$b" && mkdir -p "$b" "$CACHE/debootstrap"
+    debootstrap --variant=minbase --include="$BASE_PACKAGES" --cache-dir="$CACHE/debootstrap" \
+        "$SUITE" "$b/tree" "$MIRROR" > "$b/debootstrap.log" 2>&1 \
+        || { tail -30 "$b/debootstrap.log" >&2; die "debootstrap failed (log: $b/debootstrap.log)"; }
+    rm -rf "$b/tree/usr/share/doc" "$b/tree/usr/share/man" "$b/tree/usr/share/info" \
+        "$b/tree/usr/share/locale" "$b/tree/var/cache/apt"/*.bin "$b/tree/var/cache/apt/archives"/*.deb \
+        "$b/tree/var/lib/apt/lists"/*_Packages "$b/tree/var/log"/*
+    echo kxvm > "$b/tree/etc/hostname"
+}
+
+# ---------------------------------------------------------------- wheels
+deps_of_project() {
+    # The runtime requirements of kexecfs, from pyproject.toml (one per line).
+    "$1" - "$REPO/pyproject.toml" <<'EOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    print("\n".join(tomllib.load(f)["project"].get("dependencies", [])))
+EOF
+}
+
+build_dep_wheels() {
+    # pyfuse3 has no wheel on PyPI: pip builds it from the sdist (needs libfuse3-dev).
+    local py=$1 w=$OUT/wheels/deps
+    rm -rf "$w" && mkdir -p "$w"
+    deps_of_project "$py" | xargs -d '\n' "$py" -m pip wheel -q --wheel-dir "$w" >&2
+}
+
+project_files() {
+    # What goes into the kexecfs wheel: every tracked or new (not ignored) file, but
+    # not the tests, benchmarks and CI (so editing a unit test doesn't rebuild the guest).
+    git -C "$REPO" ls-files -co --exclude-standard -- . ':!tests' ':!bench' ':!.ci' \
+        | while IFS= read -r f; do [ -f "$REPO/$f" ] && printf '%s\n' "$f"; done | LC_ALL=C sort
+}
+
+build_project_wheel() {
+    # Built from a snapshot copy of exactly the hashed files: the work tree is being
+    # edited concurrently, and setuptools would litter it with build/ and egg-info.
+    local py=$1 src=$OUT/src w=$OUT/wheels/proj
+    rm -rf "$src" "$w" && mkdir -p "$src" "$w"
+    (cd "$REPO" && project_files | cpio -pdm --quiet "$src")
+    "$py" -m pip wheel -q --no-deps --wheel-dir "$w" "$src" >&2 \
+        || die "building the kexecfs wheel failed (pip wheel $src)"
+}
+
+# ---------------------------------------------------------------- root image
+install_wheels() {
+    # Install the cp311 wheels into the guest's /usr/local (Debian's python3 searches
+    # /usr/local/lib/python3.11/dist-packages) and make the console scripts with the
+    # guest's interpreter (pip --target would write the host's path in the shebang).
+    local py=$1 tree=$2 site=$2/usr/local/lib/python3.11/dist-packages
+    mkdir -p "$site" "$tree/usr/local/bin"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
+        "$OUT"/wheels/deps/*.whl "$OUT"/wheels/proj/*.whl >&2
+    rm -rf "$site/bin"
+    "$py" - "$site" "$tree/usr/local/bin" <<'EOF'
+import configparser, glob, os, sys
+site, bindir = sys.argv[1:]
+for ep in glob.glob(os.path.join(site, "*.dist-info", "entry_points.txt")):
+    cp = configparser.ConfigParser(delimiters=("=",))
+    cp.optionxform = str
+    cp.read(ep)
+    if not cp.has_section("console_scripts"):
+        continue
+    for name, target in cp.items("console_scripts"):
+        mod, _, func = target.strip().partition(":")
+        path = os.path.join(bindir, name)
+        with open(path, "w") as f:
+            f.write(f"#!/usr/bin/python3\nimport sys\nfrom {mod} import {func}\nsys.exit({func}())\n")
+        os.chmod(path, 0o755)
+EOF
+    # The guest root is read-only: precompile, with hashes rather than mtimes.
+    "$py" -m compileall -q -j0 --invalidation-mode unchecked-hash "$site" >/dev/null || true
+}
+
+build_root() {
+    local py=$1 kver=$2 r=$OUT/rootfs
+    rm -rf "$r" && mkdir -p "$r"
+    cp -a "$OUT/base/tree" "$r/tree"
+    local t=$r/tree
+    install_wheels "$py" "$t"
+    # the kernel and stub again inside the guest, for `kexec -l`
+    mkdir -p "$t/boot" "$t/usr/lib/modules" "$t/data" "$t/pmem" "$t/usr/local/lib/kxvm"
+    cp "$OUT/kernel/vmlinuz" "$t/boot/vmlinuz"
+    cp "$OUT/stub.img" "$t/boot/stub.img"
+    cp -a "$OUT/kernel/mods/lib/modules/$kver" "$t/usr/lib/modules/"
+    install -m 755 "$HERE/guest/kxvm-init" "$t/usr/sbin/kxvm-init"
+    install -m 755 "$HERE/guest/service.py" "$t/usr/local/lib/kxvm/service.py"
+    # the project's units (the freeze hook's ExecStart is what kxvm-init runs) and the
+    # mount helper script, when they exist
+    [ -d "$REPO/systemd" ] && cp -a "$REPO/systemd" "$t/usr/local/lib/kxvm/systemd"
+    [ -f "$REPO/mount_kexecfs.py" ] && cp "$REPO/mount_kexecfs.py" "$t/usr/local/lib/kxvm/"
+    # ext4 image straight from the directory (no loop mount); read-only at run time
+    local mb; mb=$(du -sm "$t" | cut -f1)
+    rm -f "$OUT/root.ext4.tmp"
+    mkfs.ext4 -q -F -L kxvm-root -E root_owner=0:0 -d "$t" "$OUT/root.ext4.tmp" "$((mb * 12 / 10 + 64))M"
+    mv "$OUT/root.ext4.tmp" "$OUT/root.ext4"
+    rm -rf "$r"
+}
+
+# ---------------------------------------------------------------- main
+T0=$SECONDS
+ensure_host_packages
+
+KVER=${KXVM_KVER:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6/{sub("linux-image-","",$2); print $2; exit}')}
+if [ -z "$KVER" ]; then
+    apt-get update -qq
+    KVER=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-6/{sub("linux-image-","",$2); print $2; exit}')
+fi
+[ -n "$KVER" ] || die "cannot find the bookworm kernel package (linux-image-amd64 depends on ?)"
+KDEB=$(apt_download "linux-image-$KVER")
+BBDEB=$(apt_download busybox-static)
+
+h=$( { echo "$KVER"; sha256sum < "$KDEB"; echo "$ROOT_MODULES|$STUB_MODULES"; declare -f build_kernel; } | sha)
+if ! stamp_ok kernel "$h"; then log "kernel $KVER: extracting"; build_kernel "$KDEB" "$KVER"; stamp_set kernel "$h"; fi
+H_KERNEL=$h
+
+h=$( { echo "$H_KERNEL"; sha256sum < "$BBDEB"; cat "$HERE/guest/stub-init"; declare -f build_stub; } | sha)
+if ! stamp_ok stub "$h"; then log "stub initramfs: building"; build_stub "$BBDEB" "$KVER"; stamp_set stub "$h"; fi
+H_STUB=$h
+cp "$OUT/kernel/vmlinuz" "$OUT/vmlinuz"
+
+h=$( { echo "$SUITE $MIRROR $BASE_PACKAGES"; declare -f build_base; } | sha)
+if ! stamp_ok base "$h" || [ ! -d "$OUT/base/tree" ]; then
+    log "debootstrap $SUITE minbase: building (about a minute)"; build_base; stamp_set base "$h"
+fi
+H_BASE=$h
+
+PYB=$(pick_python)
+h=$( { echo "$PYB"; deps_of_project "$PYB"; declare -f build_dep_wheels; } | sha)
+if ! stamp_ok deps "$h" || ! ls "$OUT"/wheels/deps/*.whl >/dev/null 2>&1; then
+    log "dependency wheels: building ($(deps_of_project "$PYB" | tr '\n' ' '))"; build_dep_wheels "$PYB"; stamp_set deps "$h"
+fi
+H_DEPS=$h
+
+h=$( { echo "$PYB"; cd "$REPO" && project_files | while IFS= read -r f; do echo "$f"; sha256sum < "$f"; done; declare -f build_project_wheel; } | sha)
+if ! stamp_ok proj "$h" || ! ls "$OUT"/wheels/proj/*.whl >/dev/null 2>&1; then
+    log "kexecfs wheel: building"; build_project_wheel "$PYB"; stamp_set proj "$h"
+fi
+H_PROJ=$h
+
+h=$( { echo "$H_STUB $H_BASE $H_DEPS $H_PROJ"; cat "$HERE"/guest/*; declare -f build_root install_wheels; } | sha)
+if ! stamp_ok root "$h" || [ ! -f "$OUT/root.ext4" ]; then
+    log "root.ext4: building"; build_root "$PYB" "$KVER"; stamp_set root "$h"
+fi
+echo "$KVER" > "$OUT/kver"
+log "guest ready in $((SECONDS - T0)) s: kernel $KVER, $(du -h "$OUT/root.ext4" | cut -f1) root.ext4 (build/vm)"
