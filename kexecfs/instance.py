@@ -56,7 +56,8 @@ class PreservedFile:
     kind: Kind
     fd: int
     record: dict[str, Any]
-    recovered: bool = False
+    recovered: bool = False  # came from an image and was not yet handed back for good
+    opened: bool = False  # the owner opened fds/<token> (restored it)
     error: KexecfsError | None = None  # why a recovered file could not be restored
 
     @property

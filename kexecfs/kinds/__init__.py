@@ -83,6 +83,11 @@ def describe(fd: int) -> str:
     return f"a regular file on {where}"
 
 
+def non_persistent(fs_type: int) -> bool:
+    """Filesystems whose files do not outlive a kexec, or that cannot be reopened by handle."""
+    return fs_type in _FS_NAMES
+
+
 from .memfd import Memfd  # noqa: E402  (the plug-ins import the base class above)
 from .regular import RegularFile  # noqa: E402
 
@@ -99,7 +104,3 @@ def detect(fd: int) -> Kind:
     raise fail(errno.ENOENT, f"is {describe(fd)}; only memfds and regular files on persistent "
                              f"filesystems can be preserved")
 
-
-def non_persistent(fs_type: int) -> bool:
-    """Filesystems whose files do not outlive a kexec, or that cannot be reopened by handle."""
-    return fs_type in _FS_NAMES

@@ -40,18 +40,17 @@ class Memfd(Kind):
 
     def serialize(self, fd: int, writer: ImageWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
         record = self.capture(fd)
-        # The service may have opened it write-only; a read-only open of the same inode
-        # (through our own /proc entry) lets the writer map it.
-        readable = fd if record["flags"] & os.O_ACCMODE != os.O_WRONLY else \
-            os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        # Read through a private open file of the same inode: finding holes moves the
+        # file offset (SEEK_DATA), and ``fd`` shares its offset with the service. It
+        # also makes a memfd the service opened write-only readable.
+        readable = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if previous is None:
                 record["extents"] = writer.copy_contents(readable, record["size"])
             else:
                 record["extents"] = writer.refresh_contents(readable, record["size"], previous["extents"])
         finally:
-            if readable != fd:
-                os.close(readable)
+            os.close(readable)
         return record
 
     def restore(self, record: dict[str, Any], image: HandoverImage) -> int:

@@ -17,6 +17,7 @@
 # Env:   PY=python3.11 to build wheels with   (default: .venv/bin/python, else python3)
 #        KXVM_KVER=6.1.0-N-amd64              (default: what linux-image-amd64 depends on)
 #        KXVM_MIRROR=http://deb.debian.org/debian
+#        KXVM_WITH_PROJECT=0                  (guest without kexecfs: for run-kexec.py --standin)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -216,7 +217,7 @@ build_root() {
     rm -rf "$r" && mkdir -p "$r"
     cp -a "$OUT/base/tree" "$r/tree"
     local t=$r/tree
-    install_wheels "$py" "$t"
+    [ -n "$py" ] && install_wheels "$py" "$t"
     # the kernel and stub again inside the guest, for `kexec -l`
     mkdir -p "$t/boot" "$t/usr/lib/modules" "$t/data" "$t/pmem" "$t/usr/local/lib/kxvm"
     cp "$OUT/kernel/vmlinuz" "$t/boot/vmlinuz"
@@ -264,6 +265,9 @@ if ! stamp_ok base "$h" || [ ! -d "$OUT/base/tree" ]; then
 fi
 H_BASE=$h
 
+WITH_PROJECT=${KXVM_WITH_PROJECT:-1}
+H_DEPS=none H_PROJ=none PYB=
+if [ "$WITH_PROJECT" = 1 ]; then
 PYB=$(pick_python)
 h=$( { echo "$PYB"; deps_of_project "$PYB"; declare -f build_dep_wheels; } | sha)
 if ! stamp_ok deps "$h" || ! ls "$OUT"/wheels/deps/*.whl >/dev/null 2>&1; then
@@ -276,6 +280,7 @@ if ! stamp_ok proj "$h" || ! ls "$OUT"/wheels/proj/*.whl >/dev/null 2>&1; then
     log "kexecfs wheel: building"; build_project_wheel "$PYB"; stamp_set proj "$h"
 fi
 H_PROJ=$h
+fi
 
 h=$( { echo "$H_STUB $H_BASE $H_DEPS $H_PROJ"; cat "$HERE"/guest/*; declare -f build_root install_wheels; } | sha)
 if ! stamp_ok root "$h" || [ ! -f "$OUT/root.ext4" ]; then

@@ -1,0 +1,468 @@
+"""The machine-wide live-update state machine (LUO PATCH v1 semantics).
+
+::
+
+    normal --prepare--> prepared --freeze--> frozen --kexec--> (next boot) updated --finish--> normal
+       ^                   |                   |
+       +------cancel-------+-------cancel------+
+
+``prepare`` validates every preserved file and pre-serializes its contents into a new
+handover image while services still run (the slow part). ``freeze`` is the blackout:
+it rewrites only what changed since prepare and makes the image durable. After a
+kexec, :meth:`LiveUpdate.boot` recovers everything from the image alone.
+
+This module knows nothing of FUSE. Slow events (prepare, freeze, kexec) are split in
+two: :meth:`LiveUpdate.begin` checks and reserves the machine at once (so that wrong
+states answer immediately), and the returned work may run in a thread while the
+filesystem keeps answering reads; every change is refused with EBUSY meanwhile.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import KexecfsError, fail
+from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
+from .instance import Caller, Instance, PreservedFile, check_name
+from .kinds import KINDS, detect
+
+log = logging.getLogger("kexecfs.machine")
+
+# Instance directories get inode numbers from here on, INO_STRIDE apart, so the
+# filesystem layer can number an instance's own files right after it. They are
+# recorded in the image: a bind mount of an instance survives a simulated kexec.
+FIRST_INSTANCE_INO = 1 << 16
+INO_STRIDE = 16
+RETIRED_KEPT = 4
+
+
+class State(enum.Enum):
+    """Global states, with the numbers LIVEUPDATE_IOCTL_GET_STATE reports."""
+
+    NORMAL = "normal", 1
+    PREPARED = "prepared", 2
+    FROZEN = "frozen", 3
+    UPDATED = "updated", 4
+
+    def __init__(self, word: str, number: int) -> None:
+        self.word = word
+        self.number = number
+
+
+EVENTS = ("prepare", "cancel", "freeze", "kexec", "finish")
+
+
+def kernel_boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+class LiveUpdate:
+    """One machine: its state, its instances, and the image it builds or came from."""
+
+    def __init__(self, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,
+                 admin_gid: int | None = None) -> None:
+        self.image_dir = image_dir
+        self.boot_id = boot_id or kernel_boot_id()
+        self.kexec_count = kexec_count
+        self.admin_gid = admin_gid
+        self.state = State.NORMAL
+        self.instances: dict[str, Instance] = {}
+        self.busy: str | None = None  # the slow event in progress, if any
+        self.last_image: Path | None = None
+        self.last_error = ""
+        self.progress = ""
+        self.listeners: list[Callable[[], None]] = []
+        self._next_ino = FIRST_INSTANCE_INO
+        self._writer: ImageWriter | None = None  # the image being built, between prepare and freeze
+        self._prepared: dict[tuple[str, int], dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ queries
+
+    def instance_state(self, instance: Instance) -> State:
+        return State.NORMAL if instance.finished and self.state is State.UPDATED else self.state
+
+    def status(self) -> dict[str, Any]:
+        files = [pf for inst in self.instances.values() for pf in inst.files.values()]
+        return {
+            "state": self.state.word, "boot_id": self.boot_id, "kexec_count": self.kexec_count,
+            "instances": len(self.instances), "preserved_files": len(files),
+            "preserved_bytes": sum(pf.size for pf in files), "image_dir": str(self.image_dir),
+            "last_image": str(self.last_image or ""), "last_error": self.last_error,
+            "progress": self.progress,
+        }
+
+    def lookup(self, name: str) -> Instance:
+        try:
+            return self.instances[name]
+        except KeyError:
+            raise fail(errno.ENOENT, f"no instance {name!r}") from None
+
+    # ------------------------------------------------------------------ instances
+
+    def _check_idle(self, action: str) -> None:
+        if self.busy:
+            raise fail(errno.EBUSY, f"{action}: {self.busy} is in progress")
+
+    def create_instance(self, name: str, caller: Caller, mode: int = 0o755) -> Instance:
+        check_name(name)
+        if name in self.instances:
+            raise fail(errno.EEXIST, f"instance {name!r} already exists")
+        self._check_idle(f"mkdir {name}")
+        inst = Instance(name, self._next_ino, caller.uid, caller.gid, mode & 0o7777)
+        self._next_ino += INO_STRIDE
+        self.instances[name] = inst
+        log.info("instance %r created by %s", name, caller)
+        return inst
+
+    def remove_instance(self, name: str, caller: Caller) -> None:
+        inst = self.lookup(name)
+        self._check_idle(f"rmdir {name}")
+        if inst.files:
+            raise fail(errno.EBUSY, f"rmdir {name}: instance still holds {len(inst.files)} preserved file(s)")
+        if self.instance_state(inst) is not State.NORMAL:
+            raise fail(errno.EBUSY, f"rmdir {name}: instance is {self.instance_state(inst).word}, not normal")
+        inst.removed = True
+        del self.instances[name]
+        log.info("instance %r removed by %s", name, caller)
+
+    def default_instance(self, caller: Caller) -> Instance:
+        """The instance the top-level control file's FD ioctls act on (created on demand)."""
+        if "default" not in self.instances:
+            return self.create_instance("default", caller)
+        return self.instances["default"]
+
+    # ------------------------------------------------------------------ preserving
+
+    def _check_registrations_open(self, action: str) -> None:
+        self._check_idle(action)
+        if self.state not in (State.NORMAL, State.UPDATED):
+            raise fail(errno.EBUSY, f"{action}: not allowed while {self.state.word}")
+
+    def preserve(self, inst: Instance, caller: Caller, fd: int, token: int | None) -> PreservedFile:
+        """Preserve ``fd`` (already taken from the caller; owned by the machine from now on)."""
+        try:
+            inst.check_owner(caller, "fd_preserve")
+            self._check_registrations_open(f"fd_preserve in {inst.name!r}")
+            if inst.removed:
+                raise fail(errno.ENODEV, f"instance {inst.name!r} was removed")
+            try:
+                kind = detect(fd)
+            except KexecfsError as exc:
+                raise fail(exc.errno, f"fd_preserve: the file from {caller} {exc.message}") from None
+            pf = inst.add(token, kind, fd, kind.capture(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        log.info("instance %r: preserved token %d (%s) from %s", inst.name, pf.token, pf.line(), caller)
+        return pf
+
+    def unpreserve(self, inst: Instance, caller: Caller, token: int) -> None:
+        inst.check_owner(caller, "fd_unpreserve")
+        self._check_registrations_open(f"fd_unpreserve in {inst.name!r}")
+        pf = inst.get(token)
+        pf.close()
+        del inst.files[token]
+        log.info("instance %r: unpreserved token %d by %s", inst.name, token, caller)
+
+    def restore(self, inst: Instance, caller: Caller, token: int) -> PreservedFile:
+        """The restored file behind ``fds/<token>`` (after a kexec only)."""
+        inst.check_owner(caller, "restore")
+        pf = inst.get(token)
+        if self.state is not State.UPDATED or not pf.recovered:
+            raise fail(errno.EBUSY, f"restore of token {token} in {inst.name!r}: only after a kexec "
+                                    f"(the machine is {self.instance_state(inst).word})")
+        if pf.error:
+            raise pf.error
+        pf.opened = True
+        log.info("instance %r: token %d restored by %s", inst.name, token, caller)
+        return pf
+
+    # ------------------------------------------------------------------ events
+
+    def check_admin(self, caller: Caller, event: str) -> None:
+        if caller.uid == 0:
+            return
+        if self.admin_gid is not None and self.admin_gid in _groups_of(caller):
+            return
+        raise fail(errno.EPERM, f"{event}: global events are for root"
+                                + (f" and group {self.admin_gid}" if self.admin_gid is not None else "")
+                                + f"; refused {caller}")
+
+    def begin(self, event: str, caller: Caller) -> Callable[[], None]:
+        """Check that ``event`` may happen now and reserve the machine for it.
+
+        Wrong states fail here, at once, with LUO's errno. The returned work performs
+        the event (raising KexecfsError on failure) and always releases the machine.
+        """
+        if event not in EVENTS:
+            raise fail(errno.EINVAL, f"unknown event {event!r}; events are {', '.join(EVENTS)}")
+        self.check_admin(caller, event)
+        self._check_idle(event)
+        allowed = {"prepare": (State.NORMAL,), "freeze": (State.PREPARED,), "finish": (State.UPDATED,),
+                   "cancel": (State.PREPARED, State.FROZEN), "kexec": tuple(State)}[event]
+        if self.state not in allowed:
+            # LUO answers a cancel with nothing to cancel with ENOENT, other misplaced events with EINVAL.
+            raise fail(errno.ENOENT if event == "cancel" else errno.EINVAL,
+                       f"{event}: not allowed while {self.state.word}")
+        self.busy = event
+        body = getattr(self, f"_{event}")
+
+        def work() -> None:
+            before = self.state
+            started = time.monotonic()
+            try:
+                body()
+            except KexecfsError as exc:
+                self.last_error = f"{event}: {exc.message}"
+                log.error("%s by %s failed: %s", event, caller, exc)
+                raise
+            except OSError as exc:
+                self.last_error = f"{event}: {exc}"
+                log.error("%s by %s failed: %s", event, caller, exc)
+                raise KexecfsError(exc.errno or errno.EIO, self.last_error) from exc
+            finally:
+                self.busy = None
+                self.progress = ""
+                self._notify()
+            log.info("%s by %s: %s -> %s in %.3f s", event, caller, before.word, self.state.word,
+                     time.monotonic() - started)
+        return work
+
+    def finish_instance(self, inst: Instance, caller: Caller) -> None:
+        """The owner's "finish": end this instance's update; the last one ends the machine's."""
+        inst.check_owner(caller, "finish")
+        self._check_idle(f"finish {inst.name}")
+        if self.instance_state(inst) is not State.UPDATED:
+            raise fail(errno.EINVAL, f"finish in {inst.name!r}: the instance is {self.instance_state(inst).word}, "
+                                     f"not updated")
+        _keep_restored(inst)
+        inst.finished = True
+        log.info("instance %r finished by %s", inst.name, caller)
+        if all(i.finished for i in self.instances.values()):
+            self._finish()
+        self._notify()
+
+    def _prepare(self) -> None:
+        writer = ImageWriter(self.image_dir, progress=self._progress("prepare"))
+        prepared: dict[tuple[str, int], dict[str, Any]] = {}
+        try:
+            for inst, pf in self._files():
+                with _about(inst, pf, "prepare"):
+                    pf.kind.validate(pf.fd)
+                    prepared[inst.name, pf.token] = pf.kind.serialize(pf.fd, writer, None)
+        except BaseException:
+            writer.abort()
+            raise
+        self._writer, self._prepared = writer, prepared
+        self.state = State.PREPARED
+
+    def _freeze(self) -> None:
+        writer = self._writer
+        assert writer is not None
+        writer.progress = self._progress("freeze")
+        try:
+            records = [inst.record() for inst in self.instances.values()]
+            for inst, pf in self._files():
+                with _about(inst, pf, "freeze"):
+                    pf.kind.validate(pf.fd)
+                    fields = pf.kind.serialize(pf.fd, writer, self._prepared[inst.name, pf.token])
+                records.append({"type": "file", "instance": inst.name, "token": pf.token,
+                                "kind": pf.kind.name, **fields})
+            self.last_image = writer.commit({"writer": writer_info(self.boot_id, self.kexec_count),
+                                             "state": State.FROZEN.word, "records": records})
+        except BaseException:
+            writer.abort()
+            self._discard_prepared()
+            self.state = State.NORMAL
+            raise
+        self._writer, self._prepared = None, {}
+        self.state = State.FROZEN
+
+    def _cancel(self) -> None:
+        if self.state is State.FROZEN:
+            self._retire_image("cancelled")
+        self._discard_prepared()
+        self.state = State.NORMAL
+
+    def _finish(self) -> None:
+        for inst in self.instances.values():
+            _keep_restored(inst)
+            inst.finished = False
+        self._retire_image("finished")
+        self.state = State.NORMAL
+
+    def _kexec(self) -> None:
+        if self.state is State.PREPARED:
+            self._freeze()
+        if self.state is not State.FROZEN:
+            # A plain kexec: nothing is handed over, and an older image must not be
+            # recovered by the next boot as if it were this one's.
+            self._retire_image("superseded")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Drop every instance and held descriptor, as a reboot would."""
+        self._discard_prepared()
+        for inst in self.instances.values():
+            inst.drop_files()
+            inst.removed = True
+        self.instances.clear()
+
+    # ------------------------------------------------------------------ boot and recovery
+
+    @classmethod
+    def boot(cls, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,
+             admin_gid: int | None = None) -> LiveUpdate:
+        """A machine for a (re)started daemon: ``updated`` from an image if there is one.
+
+        A damaged image is never half-loaded: it is renamed aside, the reason goes to
+        ``last_error``, and the machine starts ``normal``.
+        """
+        image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(image_dir, 0o700)
+        for leftover in image_dir.glob(f".{IMAGE_NAME}.*.tmp"):
+            log.warning("removing %s: an image that was never completed (prepare or freeze interrupted)",
+                        leftover)
+            leftover.unlink()
+        path = image_dir / IMAGE_NAME
+        machine = cls(image_dir, boot_id, kexec_count, admin_gid)
+        if not path.exists():
+            return machine
+        try:
+            machine._recover(path)
+        except ImageError as exc:
+            machine.shutdown()
+            aside = path.with_name(f"{IMAGE_NAME}.damaged-{int(time.time())}")
+            os.rename(path, aside)
+            machine.last_error = f"recovery: {exc}; kept aside as {aside.name}"
+            machine.instances.clear()
+            machine.state = State.NORMAL
+            log.error("%s", machine.last_error)
+        return machine
+
+    def _recover(self, path: Path) -> None:
+        started = time.monotonic()
+        image = HandoverImage.open(path)
+        try:
+            self.kexec_count = int(image.writer.get("kexec_count", 0)) + 1
+            for rec in image.instances:
+                check_name(rec["name"])
+                inst = Instance(rec["name"], rec["ino"], rec["uid"], rec["gid"], rec["mode"])
+                self.instances[inst.name] = inst
+                self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
+            total = sum(e[1] for f in image.files for e in f.get("extents", []))
+            done = 0
+            for rec in image.files:
+                inst = self.instances.get(rec["instance"])
+                kind = KINDS.get(rec["kind"])
+                if inst is None or kind is None:
+                    msg = f"{path}: skipped file token {rec['token']}: " + (
+                        f"unknown instance {rec['instance']!r}" if inst is None else f"unknown kind {rec['kind']!r}")
+                    image.warnings.append(msg)
+                    log.warning("%s", msg)
+                    continue
+                pf = PreservedFile(rec["token"], kind, -1, rec, recovered=True)
+                inst.files[pf.token] = pf
+                try:
+                    pf.fd = kind.restore(rec, image)
+                except KexecfsError as exc:
+                    # The file itself is gone (a regular file deleted on disk): this one
+                    # answers its errno at open; the rest of the image is fine.
+                    pf.error = exc
+                    log.warning("instance %r token %d cannot be restored: %s", inst.name, pf.token, exc.message)
+                done += sum(e[1] for e in rec.get("extents", []))
+                self._progress("recovery")(done, total)
+        finally:
+            image.close()
+        self.state = State.UPDATED
+        self.last_image = path
+        self.progress = ""
+        log.info("recovered %s: %d instance(s), %d file(s), %d bytes of contents in %.3f s; state updated",
+                 path, len(self.instances), sum(len(i.files) for i in self.instances.values()), total,
+                 time.monotonic() - started)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _files(self) -> list[tuple[Instance, PreservedFile]]:
+        return [(inst, inst.files[t]) for inst in self.instances.values() for t in sorted(inst.files)]
+
+    def _discard_prepared(self) -> None:
+        if self._writer:
+            self._writer.abort()
+        self._writer, self._prepared = None, {}
+
+    def _retire_image(self, why: str) -> None:
+        """Keep the current image aside (never silently deleted), and only the last few."""
+        path = self.image_dir / IMAGE_NAME
+        if not path.exists():
+            return
+        retired = self.image_dir / "retired"
+        retired.mkdir(mode=0o700, exist_ok=True)
+        target = retired / f"handover-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{why}.kximg"
+        os.rename(path, target)
+        for old in sorted(retired.glob("handover-*.kximg"), key=lambda p: p.stat().st_mtime)[:-RETIRED_KEPT]:
+            old.unlink()
+        log.info("image %s retired (%s) as %s", path.name, why, target)
+
+    def _progress(self, phase: str) -> Callable[[int, int], None]:
+        last = [0]
+
+        def report(done: int, total: int) -> None:
+            self.progress = f"{phase}: {done >> 20} MiB" + (f" of {total >> 20} MiB" if total else "")
+            if done - last[0] >= 256 << 20:
+                last[0] = done
+                log.info("%s", self.progress)
+        return report
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+
+class _about:
+    """Prefix errors about one preserved file with where it is, keeping their errno."""
+
+    def __init__(self, inst: Instance, pf: PreservedFile, phase: str) -> None:
+        self.where = f"{phase}: instance {inst.name!r} token {pf.token}"
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, KexecfsError):
+            raise KexecfsError(exc.errno, f"{self.where}: {exc.message}") from None
+        if isinstance(exc, OSError):
+            raise KexecfsError(exc.errno or errno.EIO, f"{self.where}: {exc.strerror or exc}") from None
+        return False
+
+
+def _keep_restored(inst: Instance) -> None:
+    """At finish: drop the files nobody restored; restored ones become ordinary preserved files."""
+    for token, pf in list(inst.files.items()):
+        if pf.recovered and not pf.opened:
+            pf.close()
+            del inst.files[token]
+        else:
+            pf.recovered = False
+
+
+def _groups_of(caller: Caller) -> set[int]:
+    """The caller's primary and supplementary groups (FUSE only reports the primary one)."""
+    groups = {caller.gid}
+    try:
+        with open(f"/proc/{caller.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return groups
