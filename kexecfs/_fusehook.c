@@ -307,14 +307,14 @@ static void hooked_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd,
         (Py_ssize_t)out_bufsz, (unsigned long long)(uintptr_t)arg,
         (int)ctx->pid, (unsigned int)ctx->uid, (unsigned int)ctx->gid);
     if (res == NULL) {
-        log_error(1, "ioctl handler %R raised (cmd %#x): replying EIO",
+        log_error(1, "ioctl handler %R raised (cmd 0x%x): replying EIO",
                   handler, cmd);
         fail_request(key, req);
     } else if (res != Py_None) {
         /* Most likely an async def handler: its coroutine will never run,
          * and the caller would hang forever. */
         log_error(0, "ioctl handler %R returned %R instead of None "
-                  "(cmd %#x): replying EIO", handler, res, cmd);
+                  "(cmd 0x%x): replying EIO", handler, res, cmd);
         fail_request(key, req);
     }
     Py_XDECREF(res);
@@ -332,8 +332,8 @@ out:
  * Returns a malloc'd copy of op (at least as large as our struct, so every
  * field we patch exists) with our ioctl op and the context wrappers, and
  * remembers the original functions; *op_size is updated to the copy's size.
- * Returns NULL (and logs why) if this session must not be hooked or memory
- * ran out; the caller then passes op through unchanged.
+ * Returns NULL if op must be passed through unchanged: nothing to hook, or
+ * (logged) it cannot be hooked.
  */
 static struct fuse_lowlevel_ops *hooked_ops(const struct fuse_lowlevel_ops *op,
                                             size_t *op_size)

@@ -37,7 +37,7 @@ if "pyfuse3" in sys.modules:
 _old_dlopen_flags = sys.getdlopenflags()
 sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW)
 try:
-    from . import _fusehook
+    from . import _fusehook  # type: ignore[attr-defined]  # C extension, no stub
 finally:
     sys.setdlopenflags(_old_dlopen_flags)
 del _old_dlopen_flags

@@ -147,13 +147,17 @@ class LiveUpdate:
         if self.state not in (State.NORMAL, State.UPDATED):
             raise fail(errno.EBUSY, f"{action}: not allowed while {self.state.word}")
 
+    def check_preserve(self, inst: Instance, caller: Caller) -> None:
+        """May ``caller`` preserve into ``inst`` now? (Checked before taking the descriptor.)"""
+        if inst.removed:
+            raise fail(errno.ENODEV, f"instance {inst.name!r} was removed")
+        inst.check_owner(caller, "fd_preserve")
+        self._check_registrations_open(f"fd_preserve in {inst.name!r}")
+
     def preserve(self, inst: Instance, caller: Caller, fd: int, token: int | None) -> PreservedFile:
         """Preserve ``fd`` (already taken from the caller; owned by the machine from now on)."""
         try:
-            inst.check_owner(caller, "fd_preserve")
-            self._check_registrations_open(f"fd_preserve in {inst.name!r}")
-            if inst.removed:
-                raise fail(errno.ENODEV, f"instance {inst.name!r} was removed")
+            self.check_preserve(inst, caller)
             try:
                 kind = detect(fd)
             except KexecfsError as exc:
@@ -212,7 +216,7 @@ class LiveUpdate:
         if self.state not in allowed:
             # LUO answers a cancel with nothing to cancel with ENOENT, other misplaced events with EINVAL.
             raise fail(errno.ENOENT if event == "cancel" else errno.EINVAL,
-                       f"{event}: not allowed while {self.state.word}")
+                       f"{event} by {caller}: not allowed while {self.state.word}")
         self.busy = event
         body = getattr(self, f"_{event}")
 
@@ -318,6 +322,12 @@ class LiveUpdate:
         self.instances.clear()
 
     # ------------------------------------------------------------------ boot and recovery
+
+    def reboot(self) -> LiveUpdate:
+        """The machine the next boot of a simulated kexec finds: a new boot id, and
+        whatever the image directory alone holds (call after the kexec event)."""
+        return LiveUpdate.boot(self.image_dir, boot_id=str(uuid.uuid4()), kexec_count=self.kexec_count + 1,
+                               admin_gid=self.admin_gid)
 
     @classmethod
     def boot(cls, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,

@@ -1,0 +1,55 @@
+# kexecfs — `make run` mounts it with sensible defaults, `make test` runs the tests.
+# Both do their own set-up on a fresh Debian machine as root (apt packages, venv, pip).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MOUNTPOINT ?= /run/kexecfs
+IMAGE_DIR ?= /var/lib/kexecfs
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev util-linux
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run stop test test-hard bench clean
+
+# System packages: only what is missing, so a set-up machine needs no network.
+.apt.stamp:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(STAMP): .apt.stamp pyproject.toml setup.py kexecfs/_fusehook.c
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+setup: $(STAMP)
+
+run: setup
+	@if mountpoint -q $(MOUNTPOINT); then echo "$(MOUNTPOINT) is already mounted"; else \
+		$(VENV)/bin/kexecfs mount $(MOUNTPOINT) --image-dir $(IMAGE_DIR); fi
+	@echo
+	@echo "kexecfs is mounted on $(MOUNTPOINT) (images in $(IMAGE_DIR)). Try:"
+	@echo "  cat $(MOUNTPOINT)/state $(MOUNTPOINT)/status"
+	@echo "  mkdir $(MOUNTPOINT)/demo"
+	@echo "  exec 5<>\$$(mktemp -p /var/tmp); echo 5 > $(MOUNTPOINT)/demo/fd_preserve; cat $(MOUNTPOINT)/demo/fd_preserve"
+	@echo "  echo prepare > $(MOUNTPOINT)/state; echo kexec > $(MOUNTPOINT)/state; cat $(MOUNTPOINT)/state"
+	@echo "  cat $(MOUNTPOINT)/demo/fds/0; echo finish > $(MOUNTPOINT)/state"
+	@echo "Stop it with: make stop"
+
+stop:
+	umount $(MOUNTPOINT)
+
+test: setup
+	$(PY) -m pytest -q tests -m 'not hard'
+
+test-hard: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info kexecfs/*.so .apt.stamp

@@ -1,0 +1,83 @@
+"""The LUO PATCH v1 ioctl ABI (June 2025), byte for byte, as carried by ``control`` files.
+
+Ioctl type 0xBA. The one argument structure::
+
+    struct liveupdate_fd {      /* 16 bytes, native byte order (little-endian on x86-64) */
+        __s32 fd;               /* @0  the caller's descriptor (FD_PRESERVE); out: restored fd */
+        __u32 flags;            /* @4  reserved, must be 0 */
+        __aligned_u64 token;    /* @8  the caller's name for the file, unique per instance */
+    };
+
+GET_STATE writes a ``__u32`` state: UNDEFINED=0, NORMAL=1, PREPARED=2, FROZEN=3, UPDATED=4.
+
++-------------------------------+------------+-------------------+----------------------------+
+| command                       | number     | argument          | errors                     |
++===============================+============+===================+============================+
+| LIVEUPDATE_IOCTL_FD_PRESERVE  | 0x4010ba00 | liveupdate_fd in  | EBADF EBUSY ENOENT EEXIST  |
+| LIVEUPDATE_IOCTL_FD_UNPRESERVE| 0x4008ba01 | u64 token in      | EBUSY ENOENT               |
+| LIVEUPDATE_IOCTL_FD_RESTORE   | 0xc010ba02 | liveupdate_fd i/o | EBUSY ENOENT EOPNOTSUPP    |
+| LIVEUPDATE_IOCTL_GET_STATE    | 0x8004ba03 | u32 out           |                            |
+| LIVEUPDATE_IOCTL_PREPARE      | 0x0000ba04 | none              | EINVAL EPERM               |
+| LIVEUPDATE_IOCTL_FREEZE       | 0x0000ba05 | none              | EINVAL EPERM               |
+| LIVEUPDATE_IOCTL_CANCEL       | 0x0000ba06 | none              | ENOENT EPERM               |
+| LIVEUPDATE_IOCTL_FINISH       | 0x0000ba07 | none              | EINVAL EPERM               |
++-------------------------------+------------+-------------------+----------------------------+
+
+Any other command answers ENOTTY. ``include/kexecfs.h`` holds the same definitions for C.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+LIVEUPDATE_IOCTL_TYPE = 0xBA
+
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (LIVEUPDATE_IOCTL_TYPE << 8) | nr
+
+
+def ioc_size(cmd: int) -> int:
+    return (cmd >> 16) & 0x3FFF
+
+
+LIVEUPDATE_FD = struct.Struct("=iIQ")  # struct liveupdate_fd
+TOKEN = struct.Struct("=Q")
+STATE = struct.Struct("=I")
+STATE_UNDEFINED = 0
+
+FD_PRESERVE = _ioc(_IOC_WRITE, 0, LIVEUPDATE_FD.size)
+FD_UNPRESERVE = _ioc(_IOC_WRITE, 1, TOKEN.size)
+FD_RESTORE = _ioc(_IOC_READ | _IOC_WRITE, 2, LIVEUPDATE_FD.size)
+GET_STATE = _ioc(_IOC_READ, 3, STATE.size)
+PREPARE = _ioc(_IOC_NONE, 4, 0)
+FREEZE = _ioc(_IOC_NONE, 5, 0)
+CANCEL = _ioc(_IOC_NONE, 6, 0)
+FINISH = _ioc(_IOC_NONE, 7, 0)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A row of the ioctl table: what the number is and which handler serves it."""
+
+    name: str
+    number: int
+    handler: str  # the filesystem's method ``ioctl_<handler>``
+    event: str = ""  # for the state-machine commands, the event they send
+
+
+COMMANDS: dict[int, Command] = {c.number: c for c in (
+    Command("LIVEUPDATE_IOCTL_FD_PRESERVE", FD_PRESERVE, "fd_preserve"),
+    Command("LIVEUPDATE_IOCTL_FD_UNPRESERVE", FD_UNPRESERVE, "fd_unpreserve"),
+    Command("LIVEUPDATE_IOCTL_FD_RESTORE", FD_RESTORE, "fd_restore"),
+    Command("LIVEUPDATE_IOCTL_GET_STATE", GET_STATE, "get_state"),
+    Command("LIVEUPDATE_IOCTL_PREPARE", PREPARE, "event", "prepare"),
+    Command("LIVEUPDATE_IOCTL_FREEZE", FREEZE, "event", "freeze"),
+    Command("LIVEUPDATE_IOCTL_CANCEL", CANCEL, "event", "cancel"),
+    Command("LIVEUPDATE_IOCTL_FINISH", FINISH, "event", "finish"),
+)}
+
+assert (FD_PRESERVE, FD_UNPRESERVE, FD_RESTORE, GET_STATE) == (0x4010BA00, 0x4008BA01, 0xC010BA02, 0x8004BA03)

@@ -1,0 +1,137 @@
+"""The kexecfs daemon: boot the machine (recovering an image if there is one), mount,
+serve until unmounted or told to stop, and tell systemd when it is ready.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
+import pyfuse3  # noqa: E402
+import trio  # noqa: E402
+
+from .fs.operations import KexecFS  # noqa: E402
+from .machine import LiveUpdate  # noqa: E402
+
+log = logging.getLogger("kexecfs.daemon")
+
+DEFAULT_MOUNTPOINT = "/run/kexecfs"
+DEFAULT_IMAGE_DIR = "/var/lib/kexecfs"
+
+
+@dataclass
+class MountOptions:
+    mountpoint: Path
+    image_dir: Path = Path(DEFAULT_IMAGE_DIR)
+    admin_gid: int | None = None
+    debug: bool = False
+    fuse_options: tuple[str, ...] = ()
+
+
+def setup_logging(debug: bool) -> None:
+    """One line per event on stderr; journald adds its own timestamps."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=sys.stderr, force=True)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def sd_notify(message: str) -> None:
+    """Send a message to systemd's notify socket (Type=notify), without libsystemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+def clear_dead_mount(mountpoint: Path) -> None:
+    """A killed daemon leaves its mount behind answering ENOTCONN; a restart replaces it."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s is the mount of a daemon that died; detaching it", mountpoint)
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+
+
+def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or SIGTERM/SIGINT; ``ready`` runs once requests are served."""
+    clear_dead_mount(opts.mountpoint)
+    machine = LiveUpdate.boot(opts.image_dir, admin_gid=opts.admin_gid)
+    fs = KexecFS(machine)
+    fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
+    fuse_options |= {"fsname=kexecfs", "subtype=kexecfs", "allow_other", *opts.fuse_options}
+    if opts.debug:
+        fuse_options.add("debug")
+    pyfuse3.init(fs, str(opts.mountpoint), fuse_options)
+    fusehook.ensure_live()
+    fusehook.set_ioctl_handler(fs.ioctl)
+    log.info("kexecfs mounted on %s (image dir %s, state %s, boot id %s)", opts.mountpoint, opts.image_dir,
+             machine.state.word, machine.boot_id)
+    try:
+        trio.run(_main_loop, fs, ready)
+    finally:
+        fusehook.set_ioctl_handler(None)
+        pyfuse3.close(unmount=True)
+        log.info("kexecfs on %s stopped", opts.mountpoint)
+
+
+async def _main_loop(fs: KexecFS, ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        fs.nursery = nursery
+        nursery.start_soon(_stop_on_signal, nursery)
+        ready()
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def mount(opts: MountOptions, foreground: bool) -> int:
+    """Mount kexecfs; in the background unless ``foreground``, returning once it serves."""
+    if foreground:
+        serve(opts, ready=lambda: sd_notify("READY=1\nSTATUS=serving"))
+        return 0
+    # Fork before trio or pyfuse3 start: the child serves, the parent waits on a pipe
+    # and exits only when the mount answers (so mount(8) and scripts can rely on it).
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ok = pipe.read(1) == b"1"
+        if not ok:
+            print(f"kexecfs: mounting {opts.mountpoint} failed (see the log above)", file=sys.stderr)
+        return 0 if ok else 1
+    os.close(read_end)
+    os.setsid()
+    code = 1
+    try:
+        serve(opts, ready=lambda: os.write(write_end, b"1"))
+        code = 0
+    except BaseException:
+        log.exception("kexecfs daemon failed")
+    finally:
+        os._exit(code)

@@ -1,0 +1,493 @@
+"""The FUSE skin: maps inodes and requests onto the core, and errors back onto errno.
+
+Every handler is a few lines: resolve the inode or handle, call the core
+(:class:`~kexecfs.machine.LiveUpdate`), render text. Core errors
+(:class:`~kexecfs.errors.KexecfsError`) become their errno plus one log line; anything
+unexpected becomes EIO plus a traceback, and the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import select
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .. import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
+import pyfuse3  # noqa: E402
+import trio  # noqa: E402
+
+from .. import abi  # noqa: E402
+from ..capture import take_descriptor  # noqa: E402
+from ..errors import KexecfsError, fail  # noqa: E402
+from ..instance import Caller, Instance, PreservedFile  # noqa: E402
+from ..machine import LiveUpdate, State  # noqa: E402
+from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
+                    NODES, ROOT_INO, Node, Scope)
+
+log = logging.getLogger("kexecfs.fs")
+
+# fds/<token> entries are numbered from here, far above any instance's range.
+FIRST_TOKEN_INO = 1 << 48
+DIR_TIMEOUT = 1.0  # directory entries and attributes change only through this daemon
+READY = select.POLLIN | select.POLLPRI | select.POLLERR
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def handler(fn: F) -> F:
+    """Turn core errors into their errno and anything unexpected into EIO, logging both."""
+
+    @functools.wraps(fn)
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except KexecfsError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s: unexpected error; answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapped  # type: ignore[return-value]
+
+
+@dataclass
+class Handle:
+    """An open file: which node of which instance, and what its opener has seen."""
+
+    node: Node | None  # None for an fds/<token> entry
+    instance_ino: int
+    text: bytes = b""  # the rendering served to reads (made at offset 0, like seq_file)
+    seen: int = -1  # the state version at open or last read, for poll()
+    restored_fd: int = -1  # fds/<token>: the daemon's own descriptor of the restored file
+
+
+class KexecFS(pyfuse3.Operations):
+    """pyfuse3 operations for one kexecfs mount."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # writes must arrive synchronously, from their writer
+
+    def __init__(self, machine: LiveUpdate) -> None:
+        super().__init__()
+        self.machine = machine
+        self.nursery: trio.Nursery | None = None  # set by the daemon before serving
+        self.state_version = 0
+        self.mounted_ns = time.time_ns()
+        self._pollers: list[pyfuse3.PollHandle] = []
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = itertools.count(1)
+        self._token_inos: dict[tuple[int, int], int] = {}
+        self._token_keys: dict[int, tuple[int, int]] = {}
+        self._next_token_ino = itertools.count(FIRST_TOKEN_INO)
+        self._attach(machine)
+
+    # ------------------------------------------------------------------ the machine
+
+    def _attach(self, machine: LiveUpdate) -> None:
+        self.machine = machine
+        machine.listeners.append(self._state_changed)
+
+    def _state_changed(self) -> None:
+        self.state_version += 1
+        pollers, self._pollers = self._pollers, []
+        for ph in pollers:
+            ph.notify()
+
+    def _instance_at(self, ino: int) -> Instance | None:
+        for inst in self.machine.instances.values():
+            if inst.ino == ino:
+                return inst
+        return None
+
+    def _live_instance(self, h: Handle) -> Instance:
+        inst = self._instance_at(h.instance_ino)
+        if inst is None:
+            raise fail(errno.ENODEV, "the instance of this open file was removed")
+        return inst
+
+    async def run_event(self, event: str, caller: Caller) -> None:
+        """Drive the global machine; slow work runs in a thread while reads go on."""
+        work = self.machine.begin(event, caller)
+        if event == "kexec":
+            await trio.to_thread.run_sync(work)
+            await self._reboot()
+        elif event in ("prepare", "freeze"):
+            await trio.to_thread.run_sync(work)
+        else:
+            work()
+
+    async def _reboot(self) -> None:
+        """The second half of a simulated kexec: a fresh machine recovered from the image alone."""
+        old = self.machine
+        gone = [inst.name for inst in list(old.instances.values())]
+        new = await trio.to_thread.run_sync(old.reboot)
+        for name in gone:  # the kernel may have cached these names for DIR_TIMEOUT
+            if name not in new.instances:
+                pyfuse3.invalidate_entry_async(ROOT_INO, name.encode(), ignore_enoent=True)
+        self._attach(new)
+        self._state_changed()
+
+    # ------------------------------------------------------------------ inodes
+
+    def _token_ino(self, inst: Instance, token: int) -> int:
+        key = (inst.ino, token)
+        if key not in self._token_inos:
+            ino = next(self._next_token_ino)
+            self._token_inos[key] = ino
+            self._token_keys[ino] = key
+        return self._token_inos[key]
+
+    def _resolve(self, ino: int) -> tuple[Node | None, Instance | None, PreservedFile | None]:
+        """(node, instance, preserved file) of an inode; ENOENT if it no longer exists."""
+        if ino == ROOT_INO:
+            return None, None, None
+        if ino in GLOBAL_BY_INO:
+            return GLOBAL_BY_INO[ino], None, None
+        if ino >= FIRST_TOKEN_INO:
+            inst_ino, token = self._token_keys.get(ino, (0, 0))
+            inst = self._instance_at(inst_ino)
+            if inst is not None and token in inst.files:
+                return None, inst, inst.files[token]
+        else:
+            offset = ino % 16
+            inst = self._instance_at(ino - offset)
+            if inst is not None and (offset == 0 or offset in INSTANCE_BY_OFFSET):
+                return INSTANCE_BY_OFFSET.get(offset), inst, None
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        node, inst, pf = self._resolve(ino)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.entry_timeout = a.attr_timeout = DIR_TIMEOUT
+        a.st_nlink = 1
+        if pf is not None:
+            a.st_mode = stat.S_IFREG | 0o600
+            a.st_size = pf.size
+            a.entry_timeout = a.attr_timeout = 0  # sizes change and tokens come and go
+        elif node is None and inst is None:
+            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2 + len(self.machine.instances)
+        elif node is None:
+            a.st_mode, a.st_nlink = stat.S_IFDIR | inst.mode, 3  # type: ignore[union-attr]
+        else:
+            a.st_mode = node.mode
+            a.st_nlink = 2 if node.is_dir else 1
+        if inst is not None:
+            a.st_uid, a.st_gid = inst.uid, inst.gid
+        a.st_blksize = 4096
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mounted_ns
+        return a
+
+    def _children(self, ino: int) -> list[tuple[str, int]]:
+        node, inst, pf = self._resolve(ino)
+        if ino == ROOT_INO:
+            return [(n.name, n.offset) for n in GLOBAL_BY_NAME.values()] + sorted(
+                (i.name, i.ino) for i in self.machine.instances.values())
+        if inst is not None and node is None and pf is None:
+            return [(n.name, inst.ino + n.offset) for n in INSTANCE_BY_NAME.values()]
+        if inst is not None and node is not None and node.offset == FDS_OFFSET:
+            return [(str(t), self._token_ino(inst, t)) for t in sorted(inst.files)]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    # ------------------------------------------------------------------ lookups
+
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = name.decode(errors="surrogateescape")
+        if text == ".":
+            return self._attrs(parent_inode)
+        if text == "..":
+            _node, inst, _pf = self._resolve(parent_inode)
+            if parent_inode == ROOT_INO or inst is None:
+                return self._attrs(ROOT_INO)
+            return self._attrs(inst.ino if parent_inode != inst.ino else ROOT_INO)
+        for child, ino in self._children(parent_inode):
+            if child == text:
+                return self._attrs(ino)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    @handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, inst, pf = self._resolve(inode)
+        caller = Caller(ctx.pid, ctx.uid, ctx.gid, "setattr")
+        if fields.update_size:
+            if pf is not None:
+                restored = self.machine.restore(inst, caller, pf.token)  # type: ignore[arg-type]
+                os.ftruncate(restored.fd, attr.st_size)
+            elif node is None or node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            # Otherwise "echo x > file" truncating a pseudo file: a no-op, as in sysfs.
+        if (fields.update_uid or fields.update_gid) and inst is not None:
+            if ctx.uid != 0:
+                raise fail(errno.EPERM, f"chown of instance {inst.name!r}: only root delegates instances; "
+                                        f"refused {caller}")
+            inst.uid = attr.st_uid if fields.update_uid else inst.uid
+            inst.gid = attr.st_gid if fields.update_gid else inst.gid
+            log.info("instance %r delegated to uid %d gid %d by %s", inst.name, inst.uid, inst.gid, caller)
+        if fields.update_mode:
+            if inst is None or node is not None or pf is not None:
+                raise fail(errno.EPERM, "chmod: only instance directories have a mode of their own")
+            inst.check_owner(caller, "chmod")
+            inst.mode = stat.S_IMODE(attr.st_mode)
+        return self._attrs(inode)
+
+    # ------------------------------------------------------------------ directories
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._children(inode)  # ENOTDIR/ENOENT now rather than at readdir
+        return inode
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._children(fh)
+        for i, (name, ino) in enumerate(entries[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(ino), i):
+                break
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INO:
+            raise fail(errno.EPERM, "mkdir: instances exist only at the top of the mount")
+        caller = Caller(ctx.pid, ctx.uid, ctx.gid, "mkdir")
+        inst = self.machine.create_instance(name.decode(errors="surrogateescape"), caller,
+                                            mode & ~ctx.umask & 0o7777)
+        return self._attrs(inst.ino)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = name.decode(errors="surrogateescape")
+        if parent_inode != ROOT_INO:
+            raise pyfuse3.FUSEError(errno.EPERM if text == "fds" else errno.ENOTDIR)
+        if text in GLOBAL_BY_NAME:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self.machine.remove_instance(text, Caller(ctx.pid, ctx.uid, ctx.gid, "rmdir"))
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_files = len(self.machine.instances)
+        s.f_namemax = 63
+        return s
+
+    # ------------------------------------------------------------------ files
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node, inst, pf = self._resolve(inode)
+        if node is not None and node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        h = Handle(node, inst.ino if inst else 0, seen=self.state_version)
+        if pf is not None:
+            restored = self.machine.restore(inst, Caller(ctx.pid, ctx.uid, ctx.gid, f"open {inst.name}/fds/"  # type: ignore[union-attr,arg-type]
+                                                                                  f"{pf.token}"), pf.token)
+            # The handle keeps its own descriptor: the file stays valid after finish.
+            h.restored_fd = os.dup(restored.fd)
+        fh = next(self._next_fh)
+        self._handles[fh] = h
+        # direct_io: pseudo files have no size the page cache could trust, and a proxied
+        # restored file must not be cached apart from the memfd it stands for.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        if h.restored_fd >= 0:
+            return os.pread(h.restored_fd, size, off)
+        assert h.node is not None
+        if h.node.show is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if off == 0:
+            inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
+            h.text = getattr(self, f"show_{h.node.show}")(inst).encode()
+            h.seen = self.state_version
+        return h.text[off:off + size]
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        pid, uid, gid = fusehook.last_request_ctx()  # valid only until the first await
+        h = self._handle(fh)
+        if h.restored_fd >= 0:
+            return os.pwrite(h.restored_fd, buf, off)
+        assert h.node is not None
+        inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
+        via = f"{inst.name}/{h.node.name}" if inst else h.node.name
+        caller = Caller(pid, uid, gid, via)
+        if h.node.store is None:
+            raise fail(errno.EINVAL, f"{via} is read-only; {caller} wrote to it")
+        try:
+            command = buf.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise fail(errno.EINVAL, f"{via}: {caller} wrote bytes that are not ASCII text") from None
+        if not command or "\n" in command:
+            raise fail(errno.EINVAL, f"{via}: {caller} wrote {len(buf)} bytes that are not one command")
+        await getattr(self, f"store_{h.node.store}")(inst, caller, command)
+        return len(buf)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None and h.restored_fd >= 0:
+            os.close(h.restored_fd)
+
+    @handler
+    async def poll(self, inode: int, fh: int, ph: pyfuse3.PollHandle | None,
+                   ctx: pyfuse3.RequestContext) -> int:
+        h = self._handle(fh)
+        if h.node is None or not h.node.pollable:
+            return select.POLLIN | select.POLLOUT  # always ready, as regular files are
+        if h.seen != self.state_version:
+            return READY
+        if ph is not None:
+            self._pollers.append(ph)
+        return 0
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # What open() of fds/<token> cannot carry: the preserved file position and seals,
+        # for clients that want to reinstate them (kexecfs.client does).
+        _node, _inst, pf = self._resolve(inode)
+        key = name.decode(errors="replace")
+        if pf is not None and key in ("user.kexecfs.pos", "user.kexecfs.seals", "user.kexecfs.kind"):
+            value = pf.kind.name if key.endswith("kind") else pf.record.get(key.rsplit(".", 1)[1], 0)
+            return str(value).encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    # ------------------------------------------------------------------ shows (reads)
+
+    def show_global_state(self, inst: None) -> str:
+        return self.machine.state.word + "\n"
+
+    def show_instance_state(self, inst: Instance) -> str:
+        return self.machine.instance_state(inst).word + "\n"
+
+    def show_status(self, inst: None) -> str:
+        return "".join(f"{k}: {v}\n" for k, v in self.machine.status().items())
+
+    def show_preserved(self, inst: Instance) -> str:
+        return inst.listing()
+
+    # ------------------------------------------------------------------ stores (writes)
+
+    async def store_global_event(self, inst: None, caller: Caller, command: str) -> None:
+        await self.run_event(command, caller)
+
+    async def store_instance_event(self, inst: Instance, caller: Caller, command: str) -> None:
+        if command == "finish":
+            self.machine.finish_instance(inst, caller)
+        elif caller.uid == 0:
+            await self.run_event(command, caller)
+        else:
+            raise fail(errno.EINVAL, f"{caller}: an instance's owner may only write 'finish', not {command!r}")
+
+    async def store_preserve(self, inst: Instance, caller: Caller, command: str) -> None:
+        words = command.split()
+        if len(words) > 2 or not all(w.lstrip("-").isdigit() for w in words):
+            raise fail(errno.EINVAL, f"fd_preserve: {caller} wrote {command!r}; expected 'FD [TOKEN]'")
+        self.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
+
+    async def store_unpreserve(self, inst: Instance, caller: Caller, command: str) -> None:
+        if not command.isdigit():
+            raise fail(errno.EINVAL, f"fd_unpreserve: {caller} wrote {command!r}; expected a token")
+        self.machine.unpreserve(inst, caller, int(command))
+
+    def preserve(self, inst: Instance, caller: Caller, fd: int, token: int | None) -> PreservedFile:
+        """Take ``fd`` from the calling process and preserve it; synchronous, as the caller
+        must still be blocked in its write(2)/ioctl(2) when its descriptor is taken."""
+        self.machine.check_preserve(inst, caller)
+        if token is not None and token in inst.files:
+            raise fail(errno.EEXIST, f"fd_preserve: token {token} is already used in instance {inst.name!r}")
+        return self.machine.preserve(inst, caller, take_descriptor(caller.pid, fd), token)
+
+    # ------------------------------------------------------------------ ioctl
+
+    def ioctl(self, req: int, ino: int, cmd: int, fh: int, flags: int, in_data: bytes, out_size: int,
+              arg: int, pid: int, uid: int, gid: int) -> None:
+        """The C hook's callback: answer in a task, so slow commands do not stall the loop."""
+        assert self.nursery is not None
+        self.nursery.start_soon(self._ioctl, req, ino, cmd, fh, flags, in_data, Caller(pid, uid, gid))
+
+    async def _ioctl(self, req: int, ino: int, cmd: int, fh: int, flags: int, in_data: bytes,
+                     caller: Caller) -> None:
+        command = abi.COMMANDS.get(cmd)
+        try:
+            h = self._handles.get(fh) if not flags & fusehook.FUSE_IOCTL_DIR else None
+            if command is None or h is None or h.node is None or not h.node.control:
+                # Not ours (TCGETS from isatty(), ioctls on other files): as any file would.
+                fusehook.reply_err(req, errno.ENOTTY)
+                return
+            inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
+            caller = Caller(caller.pid, caller.uid, caller.gid,
+                            f"{inst.name + '/' if inst else ''}control {command.name}")
+            out = await getattr(self, f"ioctl_{command.handler}")(inst, caller, command, in_data)
+            fusehook.reply_ioctl(req, out)
+        except KexecfsError as exc:
+            log.warning("ioctl: %s", exc)
+            fusehook.reply_err(req, exc.errno)
+        except Exception:
+            log.exception("ioctl %#x: unexpected error; answering EIO", cmd)
+            fusehook.reply_err(req, errno.EIO)
+
+    def _ioctl_instance(self, inst: Instance | None, caller: Caller) -> Instance:
+        return inst if inst is not None else self.machine.default_instance(caller)
+
+    async def ioctl_fd_preserve(self, inst: Instance | None, caller: Caller, command: abi.Command,
+                                data: bytes) -> bytes:
+        fd, flags, token = abi.LIVEUPDATE_FD.unpack(data)
+        if flags:
+            raise fail(errno.EINVAL, f"{caller}: struct liveupdate_fd.flags must be 0, not {flags:#x}")
+        self.preserve(self._ioctl_instance(inst, caller), caller, fd, token)
+        return b""
+
+    async def ioctl_fd_unpreserve(self, inst: Instance | None, caller: Caller, command: abi.Command,
+                                  data: bytes) -> bytes:
+        (token,) = abi.TOKEN.unpack(data)
+        self.machine.unpreserve(self._ioctl_instance(inst, caller), caller, token)
+        return b""
+
+    async def ioctl_fd_restore(self, inst: Instance | None, caller: Caller, command: abi.Command,
+                               data: bytes) -> bytes:
+        _fd, _flags, token = abi.LIVEUPDATE_FD.unpack(data)
+        target = self._ioctl_instance(inst, caller)
+        self.machine.restore(target, caller, token)  # EACCES, ENOENT, EBUSY as /dev/liveupdate would
+        raise fail(errno.EOPNOTSUPP, f"{caller}: FD_RESTORE cannot install a descriptor from a FUSE server; "
+                                     f"open {target.name}/fds/{token} instead (kexecfs.client does)")
+
+    async def ioctl_get_state(self, inst: Instance | None, caller: Caller, command: abi.Command,
+                              data: bytes) -> bytes:
+        state = self.machine.instance_state(inst) if inst else self.machine.state
+        return abi.STATE.pack(state.number)
+
+    async def ioctl_event(self, inst: Instance | None, caller: Caller, command: abi.Command,
+                          data: bytes) -> bytes:
+        if inst is not None and command.event == "finish" and caller.uid != 0:
+            self.machine.finish_instance(inst, caller)
+        else:
+            await self.run_event(command.event, caller)
+        return b""
+
+
+__all__ = ["KexecFS", "NODES", "State"]
