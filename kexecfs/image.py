@@ -59,6 +59,8 @@ from typing import Any
 
 import msgpack
 
+from .faults import inject
+
 log = logging.getLogger("kexecfs.image")
 
 MAGIC = b"\x89KXFSIM\n"
@@ -192,12 +194,15 @@ class ImageWriter:
                   index_offset + len(blob))
         # fsync before rename: otherwise a crash can leave the new name pointing at a
         # file whose data never reached the disk (the ext4 "zero-length file" case).
+        inject("commit.before_fsync")
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         final = self.directory / IMAGE_NAME
+        inject("commit.before_rename")
         os.rename(self.path, final)
         fsync_directory(self.directory)
+        inject("commit.after_rename")
         return final
 
     def abort(self) -> None:

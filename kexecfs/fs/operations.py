@@ -27,6 +27,7 @@ import trio  # noqa: E402
 from .. import abi  # noqa: E402
 from ..capture import take_descriptor  # noqa: E402
 from ..errors import KexecfsError, fail  # noqa: E402
+from ..faults import inject  # noqa: E402
 from ..instance import Caller, Instance, PreservedFile  # noqa: E402
 from ..machine import LiveUpdate, State  # noqa: E402
 from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
@@ -119,22 +120,21 @@ class KexecFS(pyfuse3.Operations):
         """Drive the global machine; slow work runs in a thread while reads go on."""
         work = self.machine.begin(event, caller)
         if event == "kexec":
+            names = list(self.machine.instances)
             await trio.to_thread.run_sync(work)
-            await self._reboot()
+            await self._reboot(names)
         elif event in ("prepare", "freeze"):
             await trio.to_thread.run_sync(work)
         else:
             work()
 
-    async def _reboot(self) -> None:
+    async def _reboot(self, names: list[str]) -> None:
         """The second half of a simulated kexec: a fresh machine recovered from the image alone."""
-        old = self.machine
-        gone = [inst.name for inst in list(old.instances.values())]
-        new = await trio.to_thread.run_sync(old.reboot)
-        for name in gone:  # the kernel may have cached these names for DIR_TIMEOUT
-            if name not in new.instances:
-                pyfuse3.invalidate_entry_async(ROOT_INO, name.encode(), ignore_enoent=True)
+        new = await trio.to_thread.run_sync(self.machine.reboot)
         self._attach(new)
+        for name in names:  # the kernel may have cached these names for DIR_TIMEOUT
+            if name not in new.instances:
+                await trio.to_thread.run_sync(_forget_entry, name)
         self._state_changed()
 
     # ------------------------------------------------------------------ inodes
@@ -385,6 +385,7 @@ class KexecFS(pyfuse3.Operations):
         return self.machine.instance_state(inst).word + "\n"
 
     def show_status(self, inst: None) -> str:
+        inject("show_status")
         return "".join(f"{k}: {v}\n" for k, v in self.machine.status().items())
 
     def show_preserved(self, inst: Instance) -> str:
@@ -488,6 +489,15 @@ class KexecFS(pyfuse3.Operations):
         else:
             await self.run_event(command.event, caller)
         return b""
+
+
+def _forget_entry(name: str) -> None:
+    """Drop the kernel's cached dentry of a vanished instance (in a thread: the kernel
+    may need this daemon to answer other requests before it can take the lock)."""
+    try:
+        pyfuse3.invalidate_entry(ROOT_INO, name.encode())
+    except OSError:
+        pass  # not cached: nothing to forget
 
 
 __all__ = ["KexecFS", "NODES", "State"]

@@ -1,0 +1,140 @@
+"""Fixtures: a real kexecfs mount served by a daemon in a child process.
+
+The daemon is the installed program (``python -m kexecfs mount --foreground``), its log
+goes to a file, and teardown fails the test if the daemon logged a traceback it was
+not told to expect: a handler that hit an unexpected exception is a bug even when the
+caller only saw EIO.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+def _fuse_usable() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    if os.geteuid() != 0:
+        return "kexecfs tests mount FUSE filesystems with allow_other and take descriptors with pidfd_getfd: run as root"
+    if not shutil.which("fusermount3"):
+        return "fusermount3 is missing (Debian package fuse3; `make test` installs it)"
+    return None
+
+
+FUSE_SKIP = _fuse_usable()
+
+
+def sh(script: str, *, uid: int | None = None, check: bool = False, cwd: str | None = None,
+       timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in bash (as ``uid`` if given), the way a user at a shell would."""
+    cmd = ["bash", "-c", script]
+    if uid is not None:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=cwd, timeout=timeout)
+
+
+class Daemon:
+    """A kexecfs daemon serving ``mountpoint``; restartable, killable."""
+
+    def __init__(self, mountpoint: Path, image_dir: Path, log: Path, extra: list[str] | None = None) -> None:
+        self.mountpoint = mountpoint
+        self.image_dir = image_dir
+        self.log = log
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.expected: list[str] = []  # log fragments that mark an expected traceback
+
+    def start(self) -> None:
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kexecfs", "mount", str(self.mountpoint), "--image-dir", str(self.image_dir),
+             "--foreground", *self.extra],
+            stdout=logf, stderr=logf, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mountpoint):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kexecfs daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kexecfs did not mount within 30 s:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        # The mount exists once init() returns; wait until requests are answered too.
+        while True:
+            try:
+                (self.mountpoint / "state").read_text()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, as a crash would; the mount is left answering ENOTCONN."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if os.path.ismount(self.mountpoint) or _is_dead_mount(self.mountpoint):
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def unexpected_tracebacks(self) -> list[str]:
+        blocks = self.log_text().split("Traceback (most recent call last)")[1:]
+        return [b for b in blocks if not any(e in b for e in self.expected)]
+
+
+def _is_dead_mount(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # Let unprivileged test users reach the mount below pytest's 0700 tmp directories.
+    for p in (tmp_path, *tmp_path.parents):
+        if p == Path("/"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)
+    d = Daemon(mnt, tmp_path / "images", tmp_path / "daemon.log")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+    bad = d.unexpected_tracebacks()
+    assert not bad, "the daemon logged unexpected tracebacks:\n" + "\n".join(bad)
+
+
+@pytest.fixture
+def mnt(daemon: Daemon) -> Path:
+    return daemon.mountpoint
