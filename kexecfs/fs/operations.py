@@ -55,6 +55,11 @@ def handler(fn: F) -> F:
         except KexecfsError as exc:
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            # A syscall on a caller's behalf (a write into a sealed restored memfd, say):
+            # its errno is the caller's answer.
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("%s: unexpected error; answering EIO", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

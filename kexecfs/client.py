@@ -1,0 +1,181 @@
+"""A small client library for services: the kexecfs tree behind a typed API.
+
+It uses the LUO ioctls on ``control`` where they fit (preserve, unpreserve, state) and
+the files where a FUSE server cannot do what ``/dev/liveupdate`` does (restore opens
+``fds/<token>``, then puts back the file position the image recorded)::
+
+    kx = Kexecfs("/run/kexecfs")
+    svc = kx.instance("vm-42")              # or kx.create_instance("vm-42")
+    svc.preserve(memfd, token=1)
+    ...                                     # prepare, freeze, kexec (operator)
+    fd = svc.restore(1)                     # after the kexec
+    svc.finish()
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import abi
+from .syscalls import FUSE_SUPER_MAGIC, statfs_type
+
+STATES = {1: "normal", 2: "prepared", 3: "frozen", 4: "updated"}
+
+
+class NotKexecfs(OSError):
+    """The path is not a kexecfs mount (perhaps the daemon is not running)."""
+
+
+@dataclass(frozen=True)
+class Preserved:
+    """A line of ``fd_preserve``."""
+
+    token: int
+    kind: str
+    size: int
+    flags: str
+
+
+def _check_mount(path: Path) -> None:
+    # Without the mount, "echo 5 > /run/kexecfs/x/fd_preserve" would quietly create a
+    # plain file; a FUSE filesystem with our top-level files is kexecfs.
+    try:
+        fs_type = statfs_type(str(path))
+    except OSError as exc:
+        raise NotKexecfs(exc.errno, f"{path}: {exc.strerror} (is the kexecfs daemon running?)") from None
+    if fs_type != FUSE_SUPER_MAGIC or not (path / "state").exists():
+        raise NotKexecfs(errno.ENOTCONN, f"{path} is not a kexecfs mount")
+
+
+def _wait(state_file: Path, want: str | None, timeout: float | None) -> str:
+    """Sleep in poll() on a state file until it reads ``want`` (or changes, if None)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        first = current = os.pread(fd, 64, 0).decode().strip()
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI | select.POLLERR)
+        while (current == first) if want is None else (current != want):
+            left = None if deadline is None else max(0, deadline - time.monotonic())
+            if left == 0 or not poller.poll(None if left is None else int(left * 1000)):
+                raise TimeoutError(f"{state_file} is still {current!r}")
+            current = os.pread(fd, 64, 0).decode().strip()
+        return current
+    finally:
+        os.close(fd)
+
+
+class Instance:
+    """One instance directory: what a service holds, the way a LUO session does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.name
+
+    def _ioctl(self, cmd: int, arg: bytes | bytearray = b"") -> bytearray:
+        buf = bytearray(arg)
+        fd = os.open(self.path / "control", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if buf:
+                fcntl.ioctl(fd, cmd, buf)
+            else:
+                fcntl.ioctl(fd, cmd)
+        finally:
+            os.close(fd)
+        return buf
+
+    def preserve(self, fd: int, token: int | None = None) -> int:
+        """Preserve ``fd`` (of this process) under ``token`` (lowest free if None); return the token."""
+        while True:
+            chosen = self._free_token() if token is None else token
+            try:
+                self._ioctl(abi.FD_PRESERVE, abi.LIVEUPDATE_FD.pack(fd, 0, chosen))
+                return chosen
+            except FileExistsError:
+                if token is not None:
+                    raise  # the caller's own token is taken; a free one was taken by a racer
+
+    def unpreserve(self, token: int) -> None:
+        self._ioctl(abi.FD_UNPRESERVE, abi.TOKEN.pack(token))
+
+    def preserved(self) -> list[Preserved]:
+        out = []
+        for line in (self.path / "fd_preserve").read_text().splitlines():
+            token, kind, size, flags = line.split()
+            out.append(Preserved(int(token), kind, int(size), flags))
+        return out
+
+    def _free_token(self) -> int:
+        used = {p.token for p in self.preserved()}
+        return next(t for t in range(len(used) + 1) if t not in used)
+
+    def state(self) -> str:
+        (number,) = abi.STATE.unpack(self._ioctl(abi.GET_STATE, bytes(abi.STATE.size)))
+        return STATES.get(number, "undefined")
+
+    def wait_for_state(self, want: str | None = None, timeout: float | None = None) -> str:
+        return _wait(self.path / "state", want, timeout)
+
+    def restore(self, token: int, flags: int = os.O_RDWR) -> int:
+        """After a kexec: a descriptor of the restored file, at its preserved position."""
+        path = self.path / "fds" / str(token)
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        try:
+            pos = int(os.getxattr(path, "user.kexecfs.pos"))
+            if pos:
+                os.lseek(fd, pos, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def seals(self, token: int) -> int:
+        """The seals the preserved memfd had (F_GET_SEALS cannot be asked of a FUSE file)."""
+        return int(os.getxattr(self.path / "fds" / str(token), "user.kexecfs.seals"))
+
+    def finish(self) -> None:
+        (self.path / "state").write_text("finish\n")
+
+
+class Kexecfs:
+    """A kexecfs mount."""
+
+    def __init__(self, mount: str | os.PathLike[str] = "/run/kexecfs") -> None:
+        self.path = Path(mount)
+        _check_mount(self.path)
+
+    def create_instance(self, name: str) -> Instance:
+        (self.path / name).mkdir()
+        return Instance(self.path / name)
+
+    def instance(self, name: str) -> Instance:
+        if not (self.path / name).is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"no instance {name!r} in {self.path}")
+        return Instance(self.path / name)
+
+    def delete_instance(self, name: str) -> None:
+        (self.path / name).rmdir()
+
+    def instances(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir())
+
+    def state(self) -> str:
+        return (self.path / "state").read_text().strip()
+
+    def event(self, event: str) -> str:
+        """Send a global event (root): prepare, freeze, cancel, kexec, finish."""
+        (self.path / "state").write_text(event + "\n")
+        return self.state()
+
+    def wait_for_state(self, want: str | None = None, timeout: float | None = None) -> str:
+        return _wait(self.path / "state", want, timeout)
+
+    def status(self) -> dict[str, str]:
+        lines = (self.path / "status").read_text().splitlines()
+        return dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "") for line in lines)
