@@ -5,10 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MOUNTPOINT ?= /run/kexecfs
 IMAGE_DIR ?= /var/lib/kexecfs
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev util-linux
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev util-linux systemd
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run stop test test-hard bench clean
+.PHONY: setup run stop test test-hard bench install clean
 
 # System packages: only what is missing, so a set-up machine needs no network.
 .apt.stamp:
@@ -50,6 +50,19 @@ test-hard: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# A system installation for systemd: a venv in /opt/kexecfs, the command in
+# /usr/local/bin, the units in /etc/systemd/system (see README, "Running it under systemd").
+install: .apt.stamp
+	test -x /opt/kexecfs/bin/python || python3 -m venv /opt/kexecfs
+	/opt/kexecfs/bin/pip install -q .
+	ln -sf /opt/kexecfs/bin/kexecfs /usr/local/bin/kexecfs
+	sed '1s|.*|#!/opt/kexecfs/bin/python|' examples/keep_memfd.py > /usr/local/bin/kexecfs-keep-memfd
+	chmod 755 /usr/local/bin/kexecfs-keep-memfd
+	install -m 644 systemd/*.service /etc/systemd/system/
+	install -D -m 644 systemd/kexecfs-example.sysusers /etc/sysusers.d/kexecfs-example.conf
+	install -D -m 644 README.md /usr/local/share/doc/kexecfs/README.md
+	-systemctl daemon-reload
 
 clean:
 	rm -rf $(VENV) build *.egg-info kexecfs/*.so .apt.stamp

@@ -5,6 +5,10 @@
     kexecfs event EVENT                  prepare | freeze | cancel | kexec | finish
     kexecfs kexec                        a simulated kexec (same as "event kexec")
     kexecfs image show FILE | image verify FILE
+    kexecfs instances                    instances with their state, owner and preserved files
+    kexecfs preserve --instance NAME --fd N [--token T]   preserve this command's fd N (for scripts:
+                                         "kexecfs preserve --instance db --fd 5 5<>/var/lib/db/journal")
+    kexecfs shutdown-hook [--force]      freeze if a kexec is under way (systemd's kexecfs-freeze.service)
 
 ``mount -t fuse.kexecfs kexecfs /run/kexecfs -o image_dir=/var/lib/kexecfs`` works too:
 mount.fuse3 runs ``kexecfs kexecfs /run/kexecfs -o OPTS``, which this command accepts.
@@ -21,7 +25,7 @@ from pathlib import Path
 from .daemon import DEFAULT_IMAGE_DIR, DEFAULT_MOUNTPOINT
 
 # -o options that are kexecfs's own; mount(8)'s generic ones are dropped, the rest go to FUSE.
-_OWN_OPTIONS = {"image_dir", "admin_group", "debug", "foreground"}
+_OWN_OPTIONS = {"image_dir", "admin_group", "debug", "foreground", "log_file"}
 _MOUNT_ONLY_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
                        "user", "nouser", "users", "defaults", "_netdev", "nofail", "relatime", "noatime",
                        "atime", "async", "sync"}
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground (systemd)")
     m.add_argument("--debug", "-d", action="store_true", help="log FUSE requests too")
     m.add_argument("--admin-group", help="a group whose members may drive global events too")
+    m.add_argument("--log-file", type=Path, help="log here (default: stderr; syslog when in the background)")
     m.add_argument("-o", dest="options", action="append", default=[], help="mount options (image_dir=, ...)")
 
     s = sub.add_parser("status", help="show the status file")
@@ -59,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("event", help="send a global event")
     e.add_argument("event", choices=["prepare", "freeze", "cancel", "kexec", "finish"])
     sub.add_parser("kexec", help="simulated kexec: freeze if prepared, drop everything, recover from the image")
+
+    sub.add_parser("instances", help="list instances")
+    pr = sub.add_parser("preserve", help="preserve one of this command's inherited descriptors")
+    pr.add_argument("--instance", required=True)
+    pr.add_argument("--fd", type=int, required=True)
+    pr.add_argument("--token", type=int)
+    sh = sub.add_parser("shutdown-hook", help="freeze the prepared image if the system is kexecing")
+    sh.add_argument("--force", action="store_true", help="freeze even if no kexec job is queued")
 
     i = sub.add_parser("image", help="inspect a handover image")
     isub = i.add_subparsers(dest="image_command", required=True)
@@ -72,14 +85,16 @@ def _mount(args: argparse.Namespace) -> int:
 
     own, fuse = _split_mount_options(args.options)
     debug = args.debug or "debug" in own
-    setup_logging(debug)
+    foreground = args.foreground or "foreground" in own
+    log_file = args.log_file or (Path(own["log_file"]) if own.get("log_file") else None)
+    setup_logging(debug, log_file, background=not foreground)
     group = args.admin_group or own.get("admin_group")
     opts = MountOptions(
         mountpoint=args.mountpoint.absolute(),
         image_dir=Path(args.image_dir or own.get("image_dir") or DEFAULT_IMAGE_DIR).absolute(),
         admin_gid=(int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None,
         debug=debug, fuse_options=tuple(fuse))
-    return mount(opts, foreground=args.foreground or "foreground" in own)
+    return mount(opts, foreground=foreground)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -103,6 +118,55 @@ def _event(mount: str, event: str) -> int:
         return 1
     print((Path(mount) / "state").read_text().strip())
     return 0
+
+
+def _instances(args: argparse.Namespace) -> int:
+    from .client import Kexecfs
+
+    kx = Kexecfs(args.mount)
+    rows = [("INSTANCE", "STATE", "OWNER", "FILES", "BYTES")]
+    for name in kx.instances():
+        inst = kx.instance(name)
+        st = inst.path.stat()
+        files = inst.preserved()
+        rows.append((name, (inst.path / "state").read_text().strip(), f"{st.st_uid}:{st.st_gid}",
+                     str(len(files)), str(sum(f.size for f in files))))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _preserve(args: argparse.Namespace) -> int:
+    from .client import Kexecfs
+
+    try:
+        token = Kexecfs(args.mount).instance(args.instance).preserve(args.fd, args.token)
+    except OSError as exc:
+        print(f"kexecfs: preserve fd {args.fd} in {args.instance}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+def _kexec_queued() -> bool:
+    """Is systemd carrying out "systemctl kexec"? (An ordinary reboot must not freeze.)"""
+    import subprocess
+
+    jobs = subprocess.run(["systemctl", "list-jobs", "--no-legend", "kexec.target"],
+                          capture_output=True, text=True).stdout
+    return "kexec.target" in jobs
+
+
+def _shutdown_hook(args: argparse.Namespace) -> int:
+    state = (Path(args.mount) / "state").read_text().strip()
+    if not args.force and not _kexec_queued():
+        print(f"kexecfs: not a kexec (no kexec.target job): leaving the state {state}")
+        return 0
+    if state != "prepared":
+        print(f"kexecfs: kexec with state {state}: nothing prepared, nothing to freeze")
+        return 0
+    return _event(args.mount, "freeze")
 
 
 def _image(args: argparse.Namespace) -> int:
@@ -138,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command in ("event", "kexec"):
         return _event(args.mount, getattr(args, "event", "kexec"))
-    return _image(args)
+    handlers = {"instances": _instances, "preserve": _preserve, "shutdown-hook": _shutdown_hook, "image": _image}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

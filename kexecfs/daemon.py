@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -37,12 +38,22 @@ class MountOptions:
     fuse_options: tuple[str, ...] = ()
 
 
-def setup_logging(debug: bool) -> None:
-    """One line per event on stderr; journald adds its own timestamps."""
+def setup_logging(debug: bool, log_file: Path | None = None, background: bool = False) -> None:
+    """One line per event: on stderr (journald adds timestamps), a file, or syslog when
+    the daemon goes to the background (its stderr is then /dev/null)."""
     fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+    elif background and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = "kexecfs[%(process)d]: " + fmt
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if not os.environ.get("JOURNAL_STREAM") and not isinstance(handler, logging.handlers.SysLogHandler):
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=sys.stderr, force=True)
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
     if not debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
@@ -127,6 +138,12 @@ def mount(opts: MountOptions, foreground: bool) -> int:
         return 0 if ok else 1
     os.close(read_end)
     os.setsid()
+    # A daemon keeps no terminal and no caller's pipes open (a caller reading our
+    # stderr to EOF would wait forever); logs went to a file or syslog above.
+    logs_to_stderr = any(type(h) is logging.StreamHandler for h in logging.getLogger().handlers)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1) if logs_to_stderr else (0, 1, 2):
+        os.dup2(devnull, fd)
     code = 1
     try:
         serve(opts, ready=lambda: os.write(write_end, b"1"))

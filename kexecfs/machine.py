@@ -311,15 +311,14 @@ class LiveUpdate:
             # A plain kexec: nothing is handed over, and an older image must not be
             # recovered by the next boot as if it were this one's.
             self._retire_image("superseded")
-        self.shutdown()
-
-    def shutdown(self) -> None:
-        """Drop every instance and held descriptor, as a reboot would."""
+        # Everything held dies with the old kernel. The instances stay readable until
+        # the caller swaps in the machine of the next boot (:meth:`reboot`), so a
+        # simulated kexec shows no half-empty tree in between.
         self._discard_prepared()
         for inst in self.instances.values():
-            inst.drop_files()
-            inst.removed = True
-        self.instances.clear()
+            for pf in inst.files.values():
+                pf.close()
+
 
     # ------------------------------------------------------------------ boot and recovery
 
@@ -350,7 +349,8 @@ class LiveUpdate:
         try:
             machine._recover(path)
         except ImageError as exc:
-            machine.shutdown()
+            for inst in machine.instances.values():
+                inst.drop_files()
             aside = path.with_name(f"{IMAGE_NAME}.damaged-{int(time.time())}")
             os.rename(path, aside)
             machine.last_error = f"recovery: {exc}; kept aside as {aside.name}"

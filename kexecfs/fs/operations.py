@@ -125,22 +125,24 @@ class KexecFS(pyfuse3.Operations):
         """Drive the global machine; slow work runs in a thread while reads go on."""
         work = self.machine.begin(event, caller)
         if event == "kexec":
-            names = list(self.machine.instances)
             await trio.to_thread.run_sync(work)
-            await self._reboot(names)
+            await self._reboot()
         elif event in ("prepare", "freeze"):
             await trio.to_thread.run_sync(work)
         else:
             work()
 
-    async def _reboot(self, names: list[str]) -> None:
-        """The second half of a simulated kexec: a fresh machine recovered from the image alone."""
-        new = await trio.to_thread.run_sync(self.machine.reboot)
+    async def _reboot(self) -> None:
+        """The second half of a simulated kexec: a fresh machine recovered from the image alone,
+        swapped in at once (requests meanwhile see the old machine, frozen)."""
+        old = self.machine
+        new = await trio.to_thread.run_sync(old.reboot)
+        old.listeners.remove(self._state_changed)
         self._attach(new)
-        for name in names:  # the kernel may have cached these names for DIR_TIMEOUT
+        self._state_changed()
+        for name in old.instances:  # the kernel may have cached these names for DIR_TIMEOUT
             if name not in new.instances:
                 await trio.to_thread.run_sync(_forget_entry, name)
-        self._state_changed()
 
     # ------------------------------------------------------------------ inodes
 
