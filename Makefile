@@ -29,9 +29,9 @@ setup: $(STAMP)
 
 run: setup
 	@if mountpoint -q $(MOUNTPOINT); then echo "$(MOUNTPOINT) is already mounted"; else \
-		$(VENV)/bin/kexecfs mount $(MOUNTPOINT) --image-dir $(IMAGE_DIR); fi
+		$(VENV)/bin/kexecfs mount $(MOUNTPOINT) --image-dir $(IMAGE_DIR) --log-file /var/log/kexecfs.log; fi
 	@echo
-	@echo "kexecfs is mounted on $(MOUNTPOINT) (images in $(IMAGE_DIR)). Try:"
+	@echo "kexecfs is mounted on $(MOUNTPOINT) (images in $(IMAGE_DIR), log in /var/log/kexecfs.log). Try:"
 	@echo "  cat $(MOUNTPOINT)/state $(MOUNTPOINT)/status"
 	@echo "  mkdir $(MOUNTPOINT)/demo"
 	@echo "  exec 5<>\$$(mktemp -p /var/tmp); echo 5 > $(MOUNTPOINT)/demo/fd_preserve; cat $(MOUNTPOINT)/demo/fd_preserve"

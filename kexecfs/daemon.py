@@ -73,6 +73,8 @@ def clear_dead_mount(mountpoint: Path) -> None:
     """A killed daemon leaves its mount behind answering ENOTCONN; a restart replaces it."""
     try:
         os.stat(mountpoint)
+    except FileNotFoundError:
+        pass  # created below
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
