@@ -57,6 +57,11 @@ class Daemon:
         self.expected: list[str] = []  # log fragments that mark an expected traceback
 
     def start(self) -> None:
+        # Let unprivileged test users reach the mount below pytest's 0700 tmp directories.
+        for p in self.mountpoint.parents:
+            if p == Path("/"):
+                break
+            os.chmod(p, os.stat(p).st_mode | 0o011)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kexecfs", "mount", str(self.mountpoint), "--image-dir", str(self.image_dir),
@@ -120,11 +125,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         pytest.skip(FUSE_SKIP)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    # Let unprivileged test users reach the mount below pytest's 0700 tmp directories.
-    for p in (tmp_path, *tmp_path.parents):
-        if p == Path("/"):
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
     d = Daemon(mnt, tmp_path / "images", tmp_path / "daemon.log")
     d.start()
     try:
