@@ -62,7 +62,7 @@ class PreservedFile:
 
     @property
     def size(self) -> int:
-        if self.fd >= 0 and not self.recovered:
+        if self.fd >= 0:
             try:
                 return os.fstat(self.fd).st_size
             except OSError:

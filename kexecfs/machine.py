@@ -76,6 +76,7 @@ class LiveUpdate:
         self.admin_gid = admin_gid
         self.state = State.NORMAL
         self.instances: dict[str, Instance] = {}
+        self.by_ino: dict[int, Instance] = {}  # the filesystem finds instances by inode on every request
         self.busy: str | None = None  # the slow event in progress, if any
         self.last_image: Path | None = None
         self.last_error = ""
@@ -119,7 +120,7 @@ class LiveUpdate:
         self._check_idle(f"mkdir {name}")
         inst = Instance(name, self._next_ino, caller.uid, caller.gid, mode & 0o7777)
         self._next_ino += INO_STRIDE
-        self.instances[name] = inst
+        self.instances[name] = self.by_ino[inst.ino] = inst
         log.info("instance %r created by %s", name, caller)
         return inst
 
@@ -131,7 +132,7 @@ class LiveUpdate:
         if self.instance_state(inst) is not State.NORMAL:
             raise fail(errno.EBUSY, f"rmdir {name}: instance is {self.instance_state(inst).word}, not normal")
         inst.removed = True
-        del self.instances[name]
+        del self.instances[name], self.by_ino[inst.ino]
         log.info("instance %r removed by %s", name, caller)
 
     def default_instance(self, caller: Caller) -> Instance:
@@ -355,6 +356,7 @@ class LiveUpdate:
             os.rename(path, aside)
             machine.last_error = f"recovery: {exc}; kept aside as {aside.name}"
             machine.instances.clear()
+            machine.by_ino.clear()
             machine.state = State.NORMAL
             log.error("%s", machine.last_error)
         return machine
@@ -367,7 +369,7 @@ class LiveUpdate:
             for rec in image.instances:
                 check_name(rec["name"])
                 inst = Instance(rec["name"], rec["ino"], rec["uid"], rec["gid"], rec["mode"])
-                self.instances[inst.name] = inst
+                self.instances[inst.name] = self.by_ino[inst.ino] = inst
                 self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
             total = sum(e[1] for f in image.files for e in f.get("extents", []))
             done = 0

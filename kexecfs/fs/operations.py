@@ -109,14 +109,8 @@ class KexecFS(pyfuse3.Operations):
         for ph in pollers:
             ph.notify()
 
-    def _instance_at(self, ino: int) -> Instance | None:
-        for inst in self.machine.instances.values():
-            if inst.ino == ino:
-                return inst
-        return None
-
     def _live_instance(self, h: Handle) -> Instance:
-        inst = self._instance_at(h.instance_ino)
+        inst = self.machine.by_ino.get(h.instance_ino)
         if inst is None:
             raise fail(errno.ENODEV, "the instance of this open file was removed")
         return inst
@@ -162,12 +156,12 @@ class KexecFS(pyfuse3.Operations):
             return GLOBAL_BY_INO[ino], None, None
         if ino >= FIRST_TOKEN_INO:
             inst_ino, token = self._token_keys.get(ino, (0, 0))
-            inst = self._instance_at(inst_ino)
+            inst = self.machine.by_ino.get(inst_ino)
             if inst is not None and token in inst.files:
                 return None, inst, inst.files[token]
         else:
             offset = ino % 16
-            inst = self._instance_at(ino - offset)
+            inst = self.machine.by_ino.get(ino - offset)
             if inst is not None and (offset == 0 or offset in INSTANCE_BY_OFFSET):
                 return INSTANCE_BY_OFFSET.get(offset), inst, None
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -206,6 +200,24 @@ class KexecFS(pyfuse3.Operations):
             return [(str(t), self._token_ino(inst, t)) for t in sorted(inst.files)]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
+    def _child(self, parent: int, name: str) -> int:
+        """The inode of ``name`` in directory ``parent`` (a direct look-up: no listing)."""
+        node, inst, pf = self._resolve(parent)
+        if parent == ROOT_INO:
+            if name in GLOBAL_BY_NAME:
+                return GLOBAL_BY_NAME[name].offset
+            if name in self.machine.instances:
+                return self.machine.instances[name].ino
+        elif inst is not None and node is None and pf is None:
+            if name in INSTANCE_BY_NAME:
+                return inst.ino + INSTANCE_BY_NAME[name].offset
+        elif inst is not None and node is not None and node.offset == FDS_OFFSET:
+            if name.isascii() and name.isdigit() and str(int(name)) == name and int(name) in inst.files:
+                return self._token_ino(inst, int(name))
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
     # ------------------------------------------------------------------ lookups
 
     @handler
@@ -218,10 +230,7 @@ class KexecFS(pyfuse3.Operations):
             if parent_inode == ROOT_INO or inst is None:
                 return self._attrs(ROOT_INO)
             return self._attrs(inst.ino if parent_inode != inst.ino else ROOT_INO)
-        for child, ino in self._children(parent_inode):
-            if child == text:
-                return self._attrs(ino)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self._child(parent_inode, text))
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -413,12 +422,12 @@ class KexecFS(pyfuse3.Operations):
 
     async def store_preserve(self, inst: Instance, caller: Caller, command: str) -> None:
         words = command.split()
-        if len(words) > 2 or not all(w.lstrip("-").isdigit() for w in words):
+        if len(words) > 2 or not all(w.lstrip("-").isascii() and w.lstrip("-").isdigit() for w in words):
             raise fail(errno.EINVAL, f"fd_preserve: {caller} wrote {command!r}; expected 'FD [TOKEN]'")
         self.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
 
     async def store_unpreserve(self, inst: Instance, caller: Caller, command: str) -> None:
-        if not command.isdigit():
+        if not (command.isascii() and command.isdigit()):
             raise fail(errno.EINVAL, f"fd_unpreserve: {caller} wrote {command!r}; expected a token")
         self.machine.unpreserve(inst, caller, int(command))
 
