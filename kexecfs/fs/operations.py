@@ -29,7 +29,7 @@ from ..capture import take_descriptor  # noqa: E402
 from ..errors import KexecfsError, fail  # noqa: E402
 from ..faults import inject  # noqa: E402
 from ..instance import Caller, Instance, PreservedFile  # noqa: E402
-from ..machine import LiveUpdate, State  # noqa: E402
+from ..machine import INO_STRIDE, LiveUpdate, State  # noqa: E402
 from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
                     NODES, ROOT_INO, Node, Scope)
 
@@ -160,7 +160,7 @@ class KexecFS(pyfuse3.Operations):
             if inst is not None and token in inst.files:
                 return None, inst, inst.files[token]
         else:
-            offset = ino % 16
+            offset = ino % INO_STRIDE
             inst = self.machine.by_ino.get(ino - offset)
             if inst is not None and (offset == 0 or offset in INSTANCE_BY_OFFSET):
                 return INSTANCE_BY_OFFSET.get(offset), inst, None
