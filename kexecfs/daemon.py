@@ -72,7 +72,9 @@ def sd_notify(message: str) -> None:
 def clear_dead_mount(mountpoint: Path) -> None:
     """A killed daemon leaves its mount behind answering ENOTCONN; a restart replaces it."""
     try:
-        os.stat(mountpoint)
+        # statfs always reaches the daemon; stat may be answered from the attribute
+        # cache for a second after the daemon died.
+        os.statvfs(mountpoint)
     except FileNotFoundError:
         pass  # created below
     except OSError as exc:

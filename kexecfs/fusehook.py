@@ -1,5 +1,5 @@
-"""Loader and API of ``kexecfs._fusehook``, the C extension that adds FUSE ioctl and the
-caller of each request to pyfuse3.
+"""Loader and API of ``kexecfs._fusehook``, the C extension that adds FUSE ioctl, the
+caller of each request and FUSE passthrough to pyfuse3.
 
 The extension works by defining ``fuse_session_new`` itself, so that pyfuse3's call
 lands there instead of in libfuse (see the comment at the top of ``_fusehook.c``). That
@@ -13,6 +13,16 @@ request (on files and on directories). It must not block and must return None; i
 answers each request exactly once with :func:`reply_ioctl` or :func:`reply_err`, right
 away or later from a trio task. A request that is never answered leaves its caller
 hanging in ``ioctl(2)``.
+
+Passthrough (Linux >= 6.9): the kernel can serve an open FUSE file straight from a
+"backing" file the daemon holds, so a restored memfd handed back through the mount reads
+at the memfd's own speed (instead of ~0.27x through a direct_io proxy), its mappings
+share the memfd's pages, its seals hold, and it works for any uid and pid namespace.
+libfuse 3.14 has no API for it and pyfuse3's ``FileInfo`` cannot express it, so the
+extension enables it at FUSE_INIT and writes passthrough open replies itself. The daemon
+only calls :func:`passthrough_open` from its ``open`` handler; where passthrough is not
+possible, the same open is served by the daemon with direct_io instead (see
+:func:`passthrough_open`), so the daemon's ``read``/``write`` must still work for it.
 """
 
 from __future__ import annotations
@@ -122,3 +132,57 @@ def last_request_ctx() -> tuple[int, int, int]:
     if no such request has been dispatched yet.
     """
     return _fusehook.last_request_ctx()
+
+
+def passthrough_available() -> bool:
+    """True once FUSE_INIT was answered with FUSE_PASSTHROUGH enabled.
+
+    False before the daemon has answered FUSE_INIT (``pyfuse3.main()`` does that first),
+    if the kernel did not offer FUSE_PASSTHROUGH (Linux < 6.9, or built without
+    CONFIG_FUSE_PASSTHROUGH), if libfuse lacks ``fuse_session_custom_io`` (< 3.12: the
+    extension cannot see INIT), if the writeback cache is on (the kernel allows
+    passthrough only without it), or if the kernel refuses to register backing files
+    (checked right after INIT: it needs CAP_SYS_ADMIN). For the status file and tests:
+    the daemon need not check it before :func:`passthrough_open`.
+    """
+    return _fusehook.passthrough_available()
+
+
+def passthrough_open(fh: int, fd: int) -> None:
+    """Have the kernel serve the file being opened, whose handle is ``fh``, from ``fd``.
+
+    Call it in the ``open`` handler, right before returning the ``FileInfo`` with this
+    ``fh``; ``fh`` must identify this one open (not be in use by another open file). The
+    reply to that open then carries FOPEN_PASSTHROUGH: reads, writes, splice and mmap of
+    the opened file go to ``fd``'s file in the kernel and never reach the daemon (open,
+    flush, release, getattr and setattr still do). The ``FileInfo`` flags are ignored
+    for it: the kernel fails a passthrough open with keep_cache (pyfuse3's default) or
+    nonseekable, and direct_io would send I/O to the daemon again.
+
+    ``fd`` must stay open until the handler has returned (the reply is sent then); it is
+    not duplicated. The kernel keeps its own reference to the file for as long as files
+    opened with it are open, so the daemon may close ``fd`` afterwards. Concurrent
+    opens of one FUSE inode must be served from the same file (else the kernel fails the
+    later open with EIO); registering the same file again is cheap: the extension keeps
+    one kernel registration per file until the last file opened with it is released.
+    While a FUSE inode is open with passthrough, the kernel also fails (EIO) an open of
+    it that is not: register every open of such a file.
+
+    If passthrough is not possible (see :func:`passthrough_available`), or the kernel
+    refuses ``fd`` (it must be a regular file, on a file system that is not itself
+    stacked, e.g. a memfd), the open is answered as the handler returned it but with
+    direct_io forced on, so the daemon's ``read``/``write`` serve it; the reason is
+    logged once (per errno) on the ``kexecfs.fusehook`` logger, and
+    :func:`passthrough_stats` counts a fallback. A registration is consumed by the
+    reply to an open returning ``fh``; one left by an open handler that raised after
+    registering is consumed by the next open returning the same ``fh``.
+    """
+    _fusehook.passthrough_open(fh, fd)
+
+
+def passthrough_stats() -> tuple[int, int]:
+    """(opens replied with passthrough, registered opens that fell back to direct_io),
+    since the process started: for the status file and tests. An open counts when its
+    reply was delivered; the kernel can still fail it (EIO, see
+    :func:`passthrough_open`)."""
+    return _fusehook.passthrough_stats()

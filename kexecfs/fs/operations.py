@@ -318,6 +318,10 @@ class KexecFS(pyfuse3.Operations):
             h.restored_fd = os.dup(restored.fd)
         fh = next(self._next_fh)
         self._handles[fh] = h
+        if h.restored_fd >= 0 and fusehook.passthrough_available():
+            # The kernel serves reads, writes and mmap from the restored file itself;
+            # the proxy methods below answer only if the extension has to fall back.
+            fusehook.passthrough_open(fh, h.restored_fd)
         # direct_io: pseudo files have no size the page cache could trust, and a proxied
         # restored file must not be cached apart from the memfd it stands for.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
