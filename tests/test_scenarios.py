@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_simulated_kexec_round_trip(daemon: Daemon, tmp_path: Path) -> None:
         assert (s.mnt / "state").read_text() == "updated\n"
         status = (s.mnt / "status").read_text()
         assert "kexec_count: 1\n" in status and "preserved_files: 5\n" in status
+        kernel = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+        assert f"restore: {'passthrough' if kernel >= (6, 9) else 'proxy'}\n" in status
         assert os.stat(s.mnt / "db").st_ino == inode_before
         # The bind mount made before the kexec reaches the recovered instance.
         assert (bind / "state").read_text() == "updated\n"

@@ -406,7 +406,9 @@ class KexecFS(pyfuse3.Operations):
 
     def show_status(self, inst: None) -> str:
         inject("show_status")
-        return "".join(f"{k}: {v}\n" for k, v in self.machine.status().items())
+        status = self.machine.status()
+        status["restore"] = "passthrough" if fusehook.passthrough_available() else "proxy"
+        return "".join(f"{k}: {v}\n" for k, v in status.items())
 
     def show_preserved(self, inst: Instance) -> str:
         return inst.listing()
