@@ -9,10 +9,12 @@ caller only saw EIO.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,11 +59,6 @@ class Daemon:
         self.expected: list[str] = []  # log fragments that mark an expected traceback
 
     def start(self) -> None:
-        # Let unprivileged test users reach the mount below pytest's 0700 tmp directories.
-        for p in self.mountpoint.parents:
-            if p == Path("/"):
-                break
-            os.chmod(p, os.stat(p).st_mode | 0o011)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kexecfs", "mount", str(self.mountpoint), "--image-dir", str(self.image_dir),
@@ -117,6 +114,28 @@ def _is_dead_mount(path: Path) -> bool:
         return False
     except OSError:
         return True
+
+
+@pytest.fixture(scope="session")
+def _public_base() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="kexecfs-tests-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    yield base
+    if str(base) not in Path("/proc/mounts").read_text():  # never recurse into a leftover mount
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest, _public_base: Path) -> Path:
+    """A per-test directory the unprivileged test uids can traverse.
+
+    Replaces pytest's own: pytest keeps its temporary directories below a 0700
+    directory, which it resets to 0700 whenever a pytest session starts, so a test's
+    mount could become unreachable for other uids in the middle of the test.
+    """
+    path = Path(tempfile.mkdtemp(prefix=re.sub(r"\W", "_", request.node.name)[:40] + "-", dir=_public_base))
+    os.chmod(path, 0o711)
+    return path
 
 
 @pytest.fixture
