@@ -64,5 +64,9 @@ install: .apt.stamp
 	install -D -m 644 README.md /usr/local/share/doc/kexecfs/README.md
 	-systemctl daemon-reload
 
+# The real kexec in a qemu guest (tests/vm/README.md): build-guest.sh caches under build/vm.
+include tests/vm/vm.mk
+test-kexec: setup
+
 clean:
 	rm -rf $(VENV) build *.egg-info kexecfs/*.so .apt.stamp

@@ -47,7 +47,9 @@ stamp_set() { echo "$2" > "$OUT/$1.stamp"; }
 
 ensure_host_packages() {
     # A fresh bookworm machine has none of these; install only what is missing.
-    local want=(qemu-system-x86 debootstrap kmod cpio e2fsprogs libfuse3-dev pkg-config gcc)
+    # (libfuse3-dev, pkg-config, gcc, python3-dev: to build pyfuse3 and kexecfs' C code)
+    local want=(qemu-system-x86 debootstrap kmod cpio e2fsprogs libfuse3-dev pkg-config gcc
+                python3-dev python3-venv)
     local missing=() p
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
@@ -64,21 +66,33 @@ apt_download() {
     local pkg=$1 f
     f=$(ls "$CACHE/${pkg}_"*.deb 2>/dev/null | head -1 || true)
     if [ -z "$f" ]; then
-        (cd "$CACHE" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) \
-            || { apt-get update -qq && (cd "$CACHE" && apt-get download -q "$pkg" >&2); }
+        # (as root apt warns that _apt cannot write there: harmless, filtered)
+        (cd "$CACHE" && apt-get download -qq "$pkg" 2>&1 | grep -v 'unsandboxed as root' >&2) \
+            || { apt-get update -qq && (cd "$CACHE" && apt-get download -qq "$pkg" >&2); }
         f=$(ls "$CACHE/${pkg}_"*.deb | head -1)
     fi
     echo "$f"
 }
 
 pick_python() {
+    # The wheels carry C extensions (pyfuse3, msgpack, kexecfs): they must be built by
+    # a CPython of the guest's minor version. The project's venv if there is one.
     local py=${PY:-}
     if [ -z "$py" ]; then
         if [ -x "$REPO/.venv/bin/python" ]; then py=$REPO/.venv/bin/python; else py=python3; fi
     fi
-    case "$py" in /*) ;; *) py=$(cd "$REPO" && command -v "$py" || realpath -m "$py");; esac
+    case "$py" in
+        /*) ;;
+        */*) py=$REPO/$py ;;
+        *) py=$(command -v "$py") || die "no $py" ;;
+    esac
     local v; v=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     [ "$v" = "$GUEST_PY" ] || die "$py is Python $v; the bookworm guest runs $GUEST_PY, so the wheels (C extensions) must be built by a $GUEST_PY (set PY=)"
+    if ! "$py" -m pip --version >/dev/null 2>&1; then
+        # a bare Debian python3 has no pip: a private venv for the wheel builds
+        [ -x "$OUT/pyvenv/bin/python" ] || "$py" -m venv "$OUT/pyvenv" >&2 || die "python3 -m venv failed"
+        py=$OUT/pyvenv/bin/python
+    fi
     echo "$py"
 }
 
@@ -162,7 +176,8 @@ build_dep_wheels() {
     # pyfuse3 has no wheel on PyPI: pip builds it from the sdist (needs libfuse3-dev).
     local py=$1 w=$OUT/wheels/deps
     rm -rf "$w" && mkdir -p "$w"
-    deps_of_project "$py" | xargs -d '\n' "$py" -m pip wheel -q --wheel-dir "$w" >&2
+    deps_of_project "$py" | xargs -d '\n' "$py" -m pip wheel -q --wheel-dir "$w" > "$OUT/wheels/deps.log" 2>&1 \
+        || { tail -40 "$OUT/wheels/deps.log" >&2; die "building the dependency wheels failed (log: $OUT/wheels/deps.log)"; }
 }
 
 project_files() {
@@ -178,8 +193,8 @@ build_project_wheel() {
     local py=$1 src=$OUT/src w=$OUT/wheels/proj
     rm -rf "$src" "$w" && mkdir -p "$src" "$w"
     (cd "$REPO" && project_files | cpio -pdm --quiet "$src")
-    "$py" -m pip wheel -q --no-deps --wheel-dir "$w" "$src" >&2 \
-        || die "building the kexecfs wheel failed (pip wheel $src)"
+    "$py" -m pip wheel -q --no-deps --wheel-dir "$w" "$src" > "$OUT/wheels/proj.log" 2>&1 \
+        || { tail -40 "$OUT/wheels/proj.log" >&2; die "building the kexecfs wheel failed (log: $OUT/wheels/proj.log)"; }
 }
 
 # ---------------------------------------------------------------- root image
@@ -225,14 +240,16 @@ build_root() {
     cp -a "$OUT/kernel/mods/lib/modules/$kver" "$t/usr/lib/modules/"
     install -m 755 "$HERE/guest/kxvm-init" "$t/usr/sbin/kxvm-init"
     install -m 755 "$HERE/guest/service.py" "$t/usr/local/lib/kxvm/service.py"
-    # the project's units (the freeze hook's ExecStart is what kxvm-init runs) and the
-    # mount helper script, when they exist
-    [ -d "$REPO/systemd" ] && cp -a "$REPO/systemd" "$t/usr/local/lib/kxvm/systemd"
-    [ -f "$REPO/mount_kexecfs.py" ] && cp "$REPO/mount_kexecfs.py" "$t/usr/local/lib/kxvm/"
+    # the project's units (kxvm-init runs the freeze hook's commands) and the mount
+    # helper script, from the same snapshot of the sources as the wheel
+    if [ -n "$py" ]; then
+        [ -d "$OUT/src/systemd" ] && cp -a "$OUT/src/systemd" "$t/usr/local/lib/kxvm/systemd"
+        [ -f "$OUT/src/mount_kexecfs.py" ] && cp "$OUT/src/mount_kexecfs.py" "$t/usr/local/lib/kxvm/"
+    fi
     # ext4 image straight from the directory (no loop mount); read-only at run time
     local mb; mb=$(du -sm "$t" | cut -f1)
     rm -f "$OUT/root.ext4.tmp"
-    mkfs.ext4 -q -F -L kxvm-root -E root_owner=0:0 -d "$t" "$OUT/root.ext4.tmp" "$((mb * 12 / 10 + 64))M"
+    mkfs.ext4 -q -F -L kxvm-root -E root_owner=0:0 -d "$t" "$OUT/root.ext4.tmp" "$((mb * 12 / 10 + 64))M" >/dev/null
     mv "$OUT/root.ext4.tmp" "$OUT/root.ext4"
     rm -rf "$r"
 }
@@ -268,18 +285,20 @@ H_BASE=$h
 WITH_PROJECT=${KXVM_WITH_PROJECT:-1}
 H_DEPS=none H_PROJ=none PYB=
 if [ "$WITH_PROJECT" = 1 ]; then
-PYB=$(pick_python)
-h=$( { echo "$PYB"; deps_of_project "$PYB"; declare -f build_dep_wheels; } | sha)
-if ! stamp_ok deps "$h" || ! ls "$OUT"/wheels/deps/*.whl >/dev/null 2>&1; then
-    log "dependency wheels: building ($(deps_of_project "$PYB" | tr '\n' ' '))"; build_dep_wheels "$PYB"; stamp_set deps "$h"
-fi
-H_DEPS=$h
+    PYB=$(pick_python)
+    h=$( { echo "$PYB"; deps_of_project "$PYB"; declare -f build_dep_wheels; } | sha)
+    if ! stamp_ok deps "$h" || ! ls "$OUT"/wheels/deps/*.whl >/dev/null 2>&1; then
+        log "dependency wheels: building ($(deps_of_project "$PYB" | tr '\n' ' '))"
+        build_dep_wheels "$PYB"; stamp_set deps "$h"
+    fi
+    H_DEPS=$h
 
-h=$( { echo "$PYB"; cd "$REPO" && project_files | while IFS= read -r f; do echo "$f"; sha256sum < "$f"; done; declare -f build_project_wheel; } | sha)
-if ! stamp_ok proj "$h" || ! ls "$OUT"/wheels/proj/*.whl >/dev/null 2>&1; then
-    log "kexecfs wheel: building"; build_project_wheel "$PYB"; stamp_set proj "$h"
-fi
-H_PROJ=$h
+    h=$( { echo "$PYB"; cd "$REPO" && project_files | while IFS= read -r f; do echo "$f"; sha256sum < "$f"; done
+           declare -f project_files build_project_wheel; } | sha)
+    if ! stamp_ok proj "$h" || ! ls "$OUT"/wheels/proj/*.whl >/dev/null 2>&1; then
+        log "kexecfs wheel: building"; build_project_wheel "$PYB"; stamp_set proj "$h"
+    fi
+    H_PROJ=$h
 fi
 
 h=$( { echo "$H_STUB $H_BASE $H_DEPS $H_PROJ"; cat "$HERE"/guest/*; declare -f build_root install_wheels; } | sha)

@@ -18,6 +18,8 @@ here, from the serial console, not taken from the guest's word:
 Exit status 0 only if every run ended as expected. Serial logs: build/vm/run-<variant>/.
 """
 import argparse
+import ctypes
+import fcntl
 import os
 import queue
 import re
@@ -89,7 +91,21 @@ def run_one(variant, standin, timeout, verbose, smp, mem):
 
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    try:
+        return watch(proc, variant, standin, t0, timeout, verbose, accname, rundir)
+    finally:
+        if proc.poll() is None:                  # interrupted: leave no qemu behind
+            proc.kill()
+            proc.wait()
+
+
+def die_with_parent():
+    """In the qemu child: SIGKILL when the harness dies (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)
+
+
+def watch(proc, variant, standin, t0, timeout, verbose, accname, rundir):
     log(f"{variant}: qemu pid {proc.pid} ({accname}), expecting {EXPECT[variant][0]}: {EXPECT[variant][1]}")
 
     # Serial console line by line, stamped on arrival (a reader thread, so that the
@@ -217,6 +233,14 @@ def main():
     if os.geteuid() != 0:
         sys.exit("run-kexec.py: must run as root (it builds the guest with debootstrap)")
     variants = a.variant or ["disk", "tmpfs", "pmem"]
+    # One harness at a time per work tree: runs share build/vm (stamps, run dirs).
+    os.makedirs(OUT, exist_ok=True)
+    lock = open(os.path.join(OUT, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log("another run-kexec.py holds build/vm/.lock; waiting for it")
+        fcntl.flock(lock, fcntl.LOCK_EX)
 
     t_start = time.monotonic()
     t_build = None

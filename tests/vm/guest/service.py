@@ -8,15 +8,21 @@ Runs inside the guest (Debian's python3, stdlib only except the optional kexecfs
                   shutdown stops it
   verify          stage 2: restore every file from /run/kexecfs/svc/fds/<token>, compare
                   it with the digests, finish; last line of output = the verdict
-  freeze-cmd      print the command the project's freeze hook (systemd/*freeze*) runs
+  freeze-cmd      print (as shell assignments) what the project's freeze hook
+                  (systemd/*freeze*.service) runs when it is started at boot and when
+                  the shutdown of `systemctl kexec` stops it
   standin-write / standin-verify
                   no kexecfs: a file written + fsync'd into the image directory in stage 1,
                   checked in stage 2 (proves the VM plumbing on its own)
 
 The three preserved files (tokens are fixed so stage 2 knows them from the digests):
-  101 memfd, 4 MiB of random data, position 12345, seals SHRINK|GROW   (via fd_preserve)
-  102 sparse memfd, 16 MiB with three small data islands, position 777 (via control ioctl)
-  103 regular file on the ext4 data disk, opened O_RDWR at offset 4099 (via fd_preserve)
+  101 memfd, 4 MiB of random data, position 12345, seals SHRINK|GROW
+      preserved by a write to fd_preserve, restored by open() of fds/101
+  102 sparse memfd, 16 MiB with three small data islands, position 777
+      preserved by the LIVEUPDATE_IOCTL_FD_PRESERVE ioctl on control,
+      restored by kexecfs.client (Instance.restore, Instance.seals)
+  103 regular file on the ext4 data disk, opened O_RDWR at offset 4099
+      preserved by a write to fd_preserve, restored by open() of fds/103
 """
 import argparse
 import errno
@@ -151,11 +157,13 @@ def make_files():
 def cmd_preserve(a):
     os.mkdir(INST)
     m, s, r = make_files()
-    plan = [(m, "memfd", 101, "fd_preserve"), (s, "memfd", 102, "ioctl"),
-            (r, "regular", 103, "fd_preserve")]
+    # (fd, kind, token, how it is preserved, how stage 2 restores it)
+    plan = [(m, "memfd", 101, "fd_preserve", "open"), (s, "memfd", 102, "ioctl", "client"),
+            (r, "regular", 103, "fd_preserve", "open")]
     digests = []
-    for fd, kind, token, how in plan:
+    for fd, kind, token, how, restore_via in plan:
         d = digest(fd, kind, token, how)
+        d["restore"] = restore_via
         if token == 102:
             d["extents"] = data_extents(fd, d["size"])
         (preserve_by_ioctl if how == "ioctl" else preserve_by_write)(fd, token)
@@ -172,79 +180,118 @@ def cmd_preserve(a):
         signal.pause()
 
 
+def unit_commands(path):
+    """{"ExecStart": [argv...], "ExecStop": [...]} of a systemd unit file."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            key, sep, value = line.strip().partition("=")
+            if sep and key in ("ExecStart", "ExecStop"):
+                argv = shlex.split(value.lstrip("-@+!:"))
+                # the unit names the installed path; the guest has the wheel's console
+                # script in /usr/local/bin (the same path today, but be tolerant)
+                if argv and os.path.isabs(argv[0]) and not os.path.exists(argv[0]):
+                    argv[0] = shutil.which(os.path.basename(argv[0])) or argv[0]
+                out.setdefault(key, []).append(shlex.join(argv))
+    return out
+
+
 def cmd_freeze_cmd(a):
-    """The ExecStart= lines of the project's freeze unit, as one shell command."""
-    units = sorted(f for f in (os.listdir(UNITS) if os.path.isdir(UNITS) else []) if "freeze" in f)
-    cmds = []
-    for u in units:
-        with open(os.path.join(UNITS, u)) as f:
-            for line in f:
-                line = line.strip()
-                if line.startswith("ExecStart="):
-                    argv = shlex.split(line[len("ExecStart="):].lstrip("-@+!:"))
-                    # the unit names its installed path; the guest has the wheel's
-                    # console script wherever pip put it
-                    if argv and os.path.isabs(argv[0]) and not os.path.exists(argv[0]):
-                        argv[0] = shutil.which(os.path.basename(argv[0])) or argv[0]
-                    cmds.append(shlex.join(argv))
-        if cmds:
-            break
-    print(" && ".join(cmds) if cmds else f"echo freeze > {MNT}/state")
+    """The project's freeze hook (systemd/*freeze*.service) as shell assignments
+    HOOK_START= (run at boot) and HOOK_STOP= (run by the shutdown of `systemctl kexec`):
+    a unit with ExecStop= runs ExecStart when started at boot and does its work in
+    ExecStop when the shutdown stops it; a unit without does its work in ExecStart,
+    started by the shutdown. (One python3 start: they cost seconds under TCG.)"""
+    units = sorted(f for f in (os.listdir(UNITS) if os.path.isdir(UNITS) else [])
+                   if "freeze" in f and f.endswith(".service"))
+    if not units:
+        start, stop = [], [f"echo freeze > {MNT}/state"]
+    else:
+        cmds = unit_commands(os.path.join(UNITS, units[0]))
+        start = cmds.get("ExecStart", []) if "ExecStop" in cmds else []
+        stop = cmds.get("ExecStop") or cmds.get("ExecStart", [])
+    print(f"HOOK_UNIT={shlex.quote(units[0] if units else 'none')}")
+    print(f"HOOK_START={shlex.quote(' && '.join(start) or ':')}")
+    print(f"HOOK_STOP={shlex.quote(' && '.join(stop) or ':')}")
 
 
 # ------------------------------------------------------------------ stage 2
-def restore(token, accmode):
-    """Open fds/<token>; through kexecfs.client when it is installed (it may hand back the
-    restored memfd itself, position included), else a plain open() of the entry."""
-    path = f"{INST}/fds/{token}"
+def restore(token, accmode, via):
+    """Restore token: via "open", a plain open() of fds/<token> (what a shell script
+    does); via "client", kexecfs.client's Instance.restore (which also reinstates the
+    file position). Returns (fd, seals or None when the fd cannot tell)."""
+    if via == "client":
+        from kexecfs.client import Kexecfs                  # noqa: PLC0415
+        inst = Kexecfs(MNT).instance(os.path.basename(INST))
+        fd = inst.restore(token, accmode)
+        return fd, (inst.seals(token) if os.fstat(fd).st_dev == os.stat(MNT).st_dev else None)
+    return os.open(f"{INST}/fds/{token}", accmode), None
+
+
+def xattr_int(token, name):
+    """What a proxied restore cannot carry in the descriptor (a FUSE file has no seals,
+    and a new open() starts at offset 0) kexecfs publishes as user.kexecfs.* xattrs."""
     try:
-        from kexecfs import client                       # noqa: PLC0415
-    except ImportError:
-        client = None
-    fn = getattr(client, "restore", None) if client else None
-    if fn is not None:
-        try:
-            return fn(path), "kexecfs.client.restore"
-        except TypeError:
-            return fn(INST, token), "kexecfs.client.restore"
-    return os.open(path, accmode), "open"
+        return int(os.getxattr(f"{INST}/fds/{token}", "user.kexecfs." + name))
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
 
 
 def check_one(d):
+    """Restore one file and compare it with its stage-1 digest: (fd, [problems])."""
     token = d["token"]
-    fd, how = restore(token, d["accmode"])
+    fd, client_seals = restore(token, d["accmode"], d["restore"])
+    how = d["restore"]
     bad = []
-    try:
-        st = os.fstat(fd)
-        if st.st_size != d["size"]:
-            bad.append(f"size {st.st_size}!={d['size']}")
-        sha, n = sha256_fd(fd, d["size"])
-        if sha != d["sha256"]:
-            bad.append(f"contents differ (sha256 of {n} bytes)")
-        pos = os.lseek(fd, 0, os.SEEK_CUR)
-        if pos != d["pos"]:
-            bad.append(f"position {pos}!={d['pos']}")
-        if d["kind"] == "memfd":
+    st = os.fstat(fd)
+    # On a 6.1 kernel (no FUSE passthrough) fds/<token> is served by the daemon: a
+    # proxy on kexecfs' own st_dev, with no seals, and a plain open() starts at 0.
+    # kexecfs publishes what the descriptor cannot carry as user.kexecfs.* xattrs,
+    # and kexecfs.client puts the position back itself.
+    proxied = st.st_dev == os.stat(MNT).st_dev
+    how += " (proxy)" if proxied else ""
+    if st.st_size != d["size"]:
+        bad.append(f"size {st.st_size}!={d['size']}")
+    sha, n = sha256_fd(fd, d["size"])
+    if sha != d["sha256"]:
+        bad.append(f"contents differ (sha256 of {n} bytes)")
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    if proxied and d["restore"] == "open":
+        if pos != 0:
+            bad.append(f"a plain open() of the proxy starts at {pos}, not 0")
+        pos = xattr_int(token, "pos")
+        how += ", position from xattr"
+    if pos != d["pos"]:
+        bad.append(f"position {pos}!={d['pos']}")
+    if d["kind"] == "memfd":
+        if not proxied:
             seals = seals_of(fd)
-            if seals != d["seals"]:
-                bad.append(f"seals {seals}!={d['seals']}")
-        acc = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        if acc != d["accmode"]:
-            bad.append(f"access mode {acc}!={d['accmode']}")
-        if d["kind"] == "regular":
-            orig = os.stat(REGULAR)
-            if (st.st_dev, st.st_ino) != (orig.st_dev, orig.st_ino):
-                bad.append("not the same file (dev/ino) as " + REGULAR)
-        if "extents" in d and seals_of(fd) >= 0:             # holes: only on a real memfd
-            ext = [list(e) for e in data_extents(fd, d["size"])]
-            if st.st_blocks * 512 >= d["size"]:
-                bad.append(f"holes lost ({st.st_blocks * 512} bytes allocated)")
-            log(f"  token {token}: data extents {ext} (stage 1: {d['extents']})")
-    finally:
-        os.close(fd)
-    log(f"token={token} kind={d['kind']} restored-by={how} size={d['size']} pos={d['pos']} "
-        f"seals={d['seals']}: " + ("ok" if not bad else "MISMATCH " + "; ".join(bad)))
-    return bad
+        elif client_seals is not None:
+            seals, how = client_seals, how + ", seals from client"
+        else:
+            seals, how = xattr_int(token, "seals"), how + ", seals from xattr"
+        if seals != d["seals"]:
+            bad.append(f"seals {seals}!={d['seals']}")
+        if not proxied and "extents" in d and st.st_blocks * 512 >= d["size"]:
+            bad.append(f"holes lost ({st.st_blocks * 512} bytes allocated)")
+    acc = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    if acc != d["accmode"]:
+        bad.append(f"access mode {acc}!={d['accmode']}")
+    if d["kind"] == "regular":
+        # The same file, not a copy: a write through the restored descriptor must land
+        # in the file on the data disk (and, unproxied, dev/ino must match).
+        marker = os.urandom(16)
+        os.pwrite(fd, marker, 100)
+        with open(REGULAR, "rb") as f:
+            f.seek(100)
+            if f.read(16) != marker:
+                bad.append("a write through the restored fd did not reach " + REGULAR)
+        orig = os.stat(REGULAR)
+        if not proxied and (st.st_dev, st.st_ino) != (orig.st_dev, orig.st_ino):
+            bad.append("not the same file (dev/ino) as " + REGULAR)
+    log(f"token={token} kind={d['kind']} preserved-via={d['how']} restored-via={how} size={d['size']} "
+        f"pos={d['pos']} seals={d['seals']}: " + ("ok" if not bad else "MISMATCH " + "; ".join(bad)))
+    return fd, bad
 
 
 def read(path):
@@ -263,10 +310,12 @@ def cmd_verify(a):
         print(f"FAIL: instance {INST} missing after the kexec")
         return 1
     log(f"fds/: {sorted(os.listdir(INST + '/fds'))}; fd_preserve: {read(INST + '/fd_preserve')!r}")
-    problems = []
+    problems, fds = [], []
     for d in files:
         try:
-            problems += [f"token {d['token']}: {b}" for b in check_one(d)]
+            fd, bad = check_one(d)
+            fds.append(fd)
+            problems += [f"token {d['token']}: {b}" for b in bad]
         except OSError as e:
             problems.append(f"token {d['token']}: restore failed: {e}")
             log(f"token={d['token']}: restore failed: {e}")
@@ -276,13 +325,20 @@ def cmd_verify(a):
             f.write("finish\n")
     except OSError as e:
         problems.append(f"finish failed: {e}")
+    # files restored before finish stay valid after it
+    for fd in fds:
+        try:
+            os.pread(fd, 1, 0)
+        except OSError as e:
+            problems.append(f"a restored file is unusable after finish: {e}")
+        os.close(fd)
     inst_state, glob_state = read(INST + "/state"), read(MNT + "/state")
     if inst_state != "normal" or glob_state != "normal":
         problems.append(f"after finish: instance {inst_state}, global {glob_state}")
     if problems:
         print("FAIL: " + "; ".join(problems))
         return 1
-    print(f"{len(files)} files restored and verified (contents, size, position, seals, access mode); finished")
+    print(f"{len(files)} files restored and verified (contents, size, position, seals, access mode, identity); finished")
     return 0
 
 
