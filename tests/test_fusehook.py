@@ -12,7 +12,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from minifs import TIMEOUT, MiniMount, mini_daemon, python_env
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -182,27 +183,7 @@ CMDS = {
     "RETURNS": CMD_RETURNS,
     "ARG": CMD_ARG,
 }
-TIMEOUT = 10.0
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _python_env() -> dict[str, str]:
-    """Environment for child interpreters: kexecfs from this tree (with the extension
-    built in place: `python setup.py build_ext --inplace` or `pip install -e .`)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-class Mount:
-    def __init__(self, path: Path, proc: subprocess.Popen[str], stderr: Path) -> None:
-        self.path = path
-        self.proc = proc
-        self.stderr_path = stderr
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
+class Mount(MiniMount):
     def state(self) -> dict[str, Any]:
         return json.loads((self.path / "state").read_bytes())
 
@@ -216,47 +197,11 @@ class Mount:
 
 @pytest.fixture(scope="module")
 def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse: cannot mount FUSE here")
-    if shutil.which("fusermount3") is None:
-        pytest.skip("fusermount3 not installed (Debian package fuse3)")
     base = tmp_path_factory.mktemp("fusehook")
     mnt = base / "mnt"
     mnt.mkdir()
-    script = base / "daemon.py"
-    script.write_text(DAEMON)
-    stderr = base / "daemon.stderr"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(mnt), json.dumps(CMDS)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=_python_env(),
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    proc.stdout.close()
-    if line != "READY\n":
-        proc.kill()
-        proc.wait()
-        # It may have died after mounting (e.g. ensure_live() failed).
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
-        pytest.fail(f"daemon did not start: {line!r}\n{stderr.read_text()}")
-    try:
-        yield Mount(mnt, proc, stderr)
-    finally:
-        # A failed test may have left a caller stuck in the mount: lazy-unmount then.
-        if subprocess.run(["fusermount3", "-u", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"daemon did not exit after unmount\n{stderr.read_text()}")
-        # A failing daemon exits non-zero: its traceback is the interesting part.
-        assert proc.returncode == 0, stderr.read_text()
+    with mini_daemon(DAEMON, base, mnt, json.dumps(CMDS)) as m:
+        yield Mount(m.path, m.proc, m.stderr_path)
 
 
 def bounded(fn: Callable[[], Any], timeout: float = TIMEOUT) -> tuple[Any, int]:
@@ -474,7 +419,7 @@ def _in_fresh_interpreter(code: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_python_env(),
+        env=python_env(),
     )
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,10 @@ from typing import Any
 
 import pytest
 
+from minifs import TIMEOUT, MiniMount, mini_daemon, python_env
+
 SIZE = 64 << 20
 CHUNK = 1 << 20
-TIMEOUT = 10.0
-REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 
 DAEMON = textwrap.dedent(
@@ -162,23 +161,10 @@ NO_PASSTHROUGH = (
 )
 
 
-def _python_env() -> dict[str, str]:
-    """Environment for child interpreters: kexecfs from this tree (with the extension
-    built in place: `python setup.py build_ext --inplace` or `pip install -e .`)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-class Mount:
+class Mount(MiniMount):
     def __init__(self, path: Path, proc: subprocess.Popen[str], stderr: Path) -> None:
-        self.path = path
-        self.proc = proc
-        self.stderr_path = stderr
+        super().__init__(path, proc, stderr)
         self.f = path / "f"
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
 
     def state(self) -> dict[str, Any]:
         return json.loads((self.path / "state").read_bytes())
@@ -216,49 +202,17 @@ def read_all(fd: int, size: int, offset: int = 0) -> bytes:
 
 @pytest.fixture(scope="module")
 def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse: cannot mount FUSE here")
-    if shutil.which("fusermount3") is None:
-        pytest.skip("fusermount3 not installed (Debian package fuse3)")
     if os.geteuid() != 0:
         pytest.skip("FUSE passthrough needs CAP_SYS_ADMIN in the daemon: run as root")
     base = tmp_path_factory.mktemp("passthrough")
     # Outside pytest's 0700 directories, so that the uid-65534 reader can reach it.
     mnt = Path(tempfile.mkdtemp(prefix="kexecfs-passthrough-"))
     mnt.chmod(0o755)
-    script = base / "daemon.py"
-    script.write_text(DAEMON)
-    stderr = base / "daemon.stderr"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(mnt), str(SIZE)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=_python_env(),
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    proc.stdout.close()
-    if line != "READY\n":
-        proc.kill()
-        proc.wait()
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
-        mnt.rmdir()
-        pytest.fail(f"daemon did not start: {line!r}\n{stderr.read_text()}")
     try:
-        yield Mount(mnt, proc, stderr)
+        with mini_daemon(DAEMON, base, mnt, SIZE) as m:
+            yield Mount(m.path, m.proc, m.stderr_path)
     finally:
-        if subprocess.run(["fusermount3", "-u", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"daemon did not exit after unmount\n{stderr.read_text()}")
         mnt.rmdir()
-        assert proc.returncode == 0, stderr.read_text()
 
 
 @pytest.fixture
@@ -490,6 +444,6 @@ def test_api_outside_a_session() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_python_env(),
+        env=python_env(),
     )
     assert result.stdout == "OK\n", result.stderr
