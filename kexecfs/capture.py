@@ -38,8 +38,9 @@ def take_descriptor(pid: int, fd: int) -> int:
     """Duplicate descriptor ``fd`` of caller ``pid`` into the daemon; EBADF/ESRCH on failure."""
     if pid <= 0:
         raise fail(errno.ESRCH, "the caller is not visible in the daemon's pid namespace (pid 0)")
-    if fd < 0:
-        raise fail(errno.EBADF, f"fd {fd} is negative")
+    if not 0 <= fd <= 0x7FFFFFFF:
+        # Descriptors are C ints: a larger number would be cut to one that may be open.
+        raise fail(errno.EBADF, f"fd {fd} is not a descriptor number")
     try:
         pidfd = _open_pidfd(pid)
     except OSError as exc:

@@ -86,15 +86,6 @@ def clear_dead_mount(mountpoint: Path) -> None:
     mountpoint.mkdir(parents=True, exist_ok=True)
 
 
-def raise_fd_limit() -> None:
-    """Every preserved file is a descriptor the daemon holds until the kexec: take all
-    the hard limit allows (systemd gives services a soft limit of 1024; trio and pyfuse3
-    wait with epoll, not select(), so more is safe)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def raise_descriptor_limit() -> None:
     """The daemon holds one descriptor per preserved file: take the whole hard limit
     (systemd's default soft limit of 1024 would fail preserves with EMFILE)."""
@@ -107,7 +98,6 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or SIGTERM/SIGINT; ``ready`` runs once requests are served."""
     raise_descriptor_limit()
     clear_dead_mount(opts.mountpoint)
-    raise_fd_limit()
     machine = LiveUpdate.boot(opts.image_dir, admin_gid=opts.admin_gid)
     fs = KexecFS(machine)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits

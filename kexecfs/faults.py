@@ -1,8 +1,10 @@
 """Deterministic fault injection, for the crash and error tests only.
 
-``KEXECFS_FAULTS="point[=action],..."`` in the daemon's environment arms named points;
-``action`` is ``raise`` (the default: an unexpected exception) or ``kill`` (SIGKILL the
-daemon right there, as a crash would). Unset, :func:`inject` is one dict lookup.
+``KEXECFS_FAULTS="point[=action[@n]],..."`` in the daemon's environment arms named
+points; ``action`` is ``raise`` (the default: an unexpected exception) or ``kill``
+(SIGKILL the daemon right there, as a crash would). ``@n`` lets the first ``n - 1``
+passes through the point go by and acts from the ``n``-th on, so that a test can crash
+at, say, the third file of a prepare. Unset, :func:`inject` is one dict lookup.
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ from __future__ import annotations
 import os
 import signal
 
-_ARMED = dict(item.partition("=")[::2] for item in os.environ.get("KEXECFS_FAULTS", "").split(",") if item)
+
+def _parse(spec: str) -> dict[str, list]:
+    armed: dict[str, list] = {}
+    for item in filter(None, spec.split(",")):
+        point, _, action = item.partition("=")
+        action, _, nth = action.partition("@")
+        armed[point] = [action or "raise", int(nth or 1)]
+    return armed
+
+
+_ARMED = _parse(os.environ.get("KEXECFS_FAULTS", ""))
 
 
 class InjectedFault(RuntimeError):
@@ -18,9 +30,12 @@ class InjectedFault(RuntimeError):
 
 
 def inject(point: str) -> None:
-    action = _ARMED.get(point)
-    if action is None:
+    armed = _ARMED.get(point)
+    if armed is None:
         return
-    if action == "kill":
+    armed[1] -= 1
+    if armed[1] > 0:
+        return
+    if armed[0] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"injected fault at {point}")

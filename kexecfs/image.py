@@ -43,6 +43,7 @@ check or fit the limits below makes the whole image refused (:class:`ImageError`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mmap
@@ -121,6 +122,22 @@ def _windows(fd: int, offset: int, length: int, access: int = mmap.ACCESS_READ) 
         offset = stop
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """pwrite(2) every byte of ``data``. A write may be short (a filesystem filling up
+    writes what fits): the rest is written again, and that attempt reports the error.
+    A short write taken for a whole one would leave a hole in the image that only the
+    recovery would find, by refusing the image."""
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:
+                n = os.pwrite(fd, rest, offset + done)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, f"pwrite wrote nothing at offset {offset + done}")
+            done += n
+        return done
+
+
 def _chunk_crcs(view: memoryview, chunk: int) -> list[int]:
     return [zlib.crc32(view[i:i + chunk]) for i in range(0, len(view), chunk)]
 
@@ -140,9 +157,10 @@ class ImageWriter:
         self.progress = progress
         self.path = directory / f".{IMAGE_NAME}.{uuid.uuid4().hex}.tmp"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.pwrite(self.fd, PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0), 0)
+        pwrite_all(self.fd, PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0), 0)
         self.end = DATA_START
         self.bytes_written = 0
+        self.committed = False  # renamed over the current image
 
     def _report(self, n: int) -> None:
         self.bytes_written += n
@@ -157,8 +175,9 @@ class ImageWriter:
             crcs: list[int] = []
             for off, view in _windows(fd, start, length):
                 crcs += _chunk_crcs(view, self.chunk_size)
-                os.pwrite(self.fd, view, image_off + off - start)
+                pwrite_all(self.fd, view, image_off + off - start)
                 self._report(len(view))
+                inject("image.copy_window")
             extents.append([start, length, image_off, crcs])
             self.end = image_off + length
         return extents
@@ -177,9 +196,10 @@ class ImageWriter:
                 first = (off - start) // chunk
                 for i, crc in enumerate(_chunk_crcs(view, chunk)):
                     if crc != crcs[first + i]:
-                        n = os.pwrite(self.fd, view[i * chunk:(i + 1) * chunk], image_off + off - start + i * chunk)
+                        n = pwrite_all(self.fd, view[i * chunk:(i + 1) * chunk], image_off + off - start + i * chunk)
                         crcs[first + i] = crc
                         self._report(n)
+                inject("image.refresh_window")
         return extents
 
     def commit(self, index: dict[str, Any]) -> Path:
@@ -189,8 +209,10 @@ class ImageWriter:
         index_offset = _align(self.end)
         preamble = PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0)
         digest = hashlib.sha256(preamble + blob).digest()
-        os.pwrite(self.fd, blob, index_offset)
-        os.pwrite(self.fd, TRAILER.pack(TRAILER_MAGIC, index_offset, len(blob), self.end, digest),
+        inject("commit.before_index")
+        pwrite_all(self.fd, blob, index_offset)
+        inject("commit.after_index")
+        pwrite_all(self.fd, TRAILER.pack(TRAILER_MAGIC, index_offset, len(blob), self.end, digest),
                   index_offset + len(blob))
         # fsync before rename: otherwise a crash can leave the new name pointing at a
         # file whose data never reached the disk (the ext4 "zero-length file" case).
@@ -201,6 +223,7 @@ class ImageWriter:
         final = self.directory / IMAGE_NAME
         inject("commit.before_rename")
         os.rename(self.path, final)
+        self.committed = True
         fsync_directory(self.directory)
         inject("commit.after_rename")
         return final
@@ -234,6 +257,11 @@ _RECORD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "instance": {"name": str, "uid": int, "gid": int, "mode": int, "ino": int},
     "file": {"instance": str, "token": int, "kind": str},
 }
+# The schema's ranges: an integer out of its range is as wrong as a string in its place.
+_RANGES: dict[str, tuple[int, int]] = {
+    "uid": (0, (1 << 32) - 2), "gid": (0, (1 << 32) - 2), "mode": (0, 0o7777), "ino": (0, (1 << 63) - 1),
+    "token": (0, (1 << 64) - 1), "kexec_count": (0, (1 << 63) - 1),
+}
 
 
 @dataclass
@@ -251,6 +279,7 @@ class HandoverImage:
     instances: list[dict[str, Any]] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    _seen: set[tuple[str, Any]] = field(default_factory=set, repr=False)  # names, inodes, tokens: once each
 
     @classmethod
     def open(cls, path: Path) -> HandoverImage:
@@ -296,6 +325,9 @@ class HandoverImage:
         if not isinstance(index, dict):
             raise ImageError(f"{path}: the index is a {type(index).__name__}, not a map")
         writer = _expect(index, "writer", dict, path)
+        kexec_count = _expect(writer, "kexec_count", int, path)
+        if not _in_range("kexec_count", kexec_count):
+            raise ImageError(f"{path}: writer kexec_count {kexec_count} out of range")
         state = _expect(index, "state", str, path)
         chunk_size = _expect(index, "chunk_size", int, path)
         records = _expect(index, "records", list, path)
@@ -319,20 +351,41 @@ class HandoverImage:
         for key, typ in fields.items():
             if not isinstance(record.get(key), typ) or isinstance(record.get(key), bool):
                 raise ImageError(f"{where}: field {key!r} missing or not {typ.__name__}")
+            if isinstance(record[key], int) and not _in_range(key, record[key]):
+                raise ImageError(f"{where}: field {key!r} = {record[key]} out of range")
         if record["type"] == "instance":
+            from .instance import check_name  # (instance imports the kinds, which import this module)
+            try:
+                check_name(record["name"])
+            except Exception as exc:
+                raise ImageError(f"{where}: {exc}") from None
+            keys = {("name", record["name"]), ("ino", record["ino"])}
+            if keys & self._seen:
+                raise ImageError(f"{where}: a second instance named {record['name']!r} or numbered {record['ino']}")
+            self._seen |= keys
             self.instances.append(record)
         else:
+            from .kinds import KINDS
+            kind = KINDS.get(record["kind"])  # an unknown kind is skipped by the recovery, with a warning
+            problem = kind.check_record(record) if kind else None
+            if problem:
+                raise ImageError(f"{where}: bad {record['kind']} record: {problem}")
             for extent in record.get("extents", []):
                 self._check_extent(where, extent)
+            key = ("token", (record["instance"], record["token"]))
+            if key in self._seen:
+                raise ImageError(f"{where}: token {record['token']} of {record['instance']!r} appears twice")
+            self._seen.add(key)
             self.files.append(record)
 
     def _check_extent(self, where: str, extent: Any) -> None:
-        ok = (isinstance(extent, list) and len(extent) == 4 and all(isinstance(v, int) for v in extent[:3])
+        ok = (isinstance(extent, list) and len(extent) == 4 and all(_is_int(v) for v in extent[:3])
               and isinstance(extent[3], list))
         if ok:
             start, length, image_off, crcs = extent
-            ok = (start >= 0 and length > 0 and image_off >= DATA_START and image_off + length <= self.data_end
-                  and len(crcs) == -(-length // self.chunk_size) and all(isinstance(c, int) for c in crcs))
+            ok = (0 <= start < 1 << 63 and length > 0 and image_off >= DATA_START
+                  and image_off + length <= self.data_end and len(crcs) == -(-length // self.chunk_size)
+                  and all(_is_int(c) and 0 <= c < 1 << 32 for c in crcs))
         if not ok:
             raise ImageError(f"{where}: malformed extent {str(extent)[:80]}")
 
@@ -360,7 +413,7 @@ class HandoverImage:
 
     def copy_into(self, fd: int, extents: list[Extent]) -> None:
         """Write contents into ``fd`` at their file offsets, checking every chunk."""
-        self._walk(extents, lambda off, view: os.pwrite(fd, view, off))
+        self._walk(extents, lambda off, view: pwrite_all(fd, view, off))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -378,6 +431,15 @@ class HandoverImage:
                                      for e in f.get("extents", [])]} for f in self.files],
             "warnings": self.warnings,
         }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(key: str, value: int) -> bool:
+    low, high = _RANGES.get(key, (-(1 << 64), 1 << 64))
+    return low <= value <= high
 
 
 def _expect(index: dict[str, Any], key: str, typ: type, path: Path) -> Any:

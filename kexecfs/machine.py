@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KexecfsError, fail
+from .faults import inject
 from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
 from .instance import Caller, Instance, PreservedFile, check_name
 from .kinds import KINDS, detect
@@ -113,11 +114,18 @@ class LiveUpdate:
         if self.busy:
             raise fail(errno.EBUSY, f"{action}: {self.busy} is in progress")
 
+    def check_instances_open(self, action: str) -> None:
+        """EBUSY while instances may not change (mkdir, chown, chmod): during a slow event,
+        and once frozen, when the image is written and a change would not survive the kexec."""
+        self._check_idle(action)
+        if self.state is State.FROZEN:
+            raise fail(errno.EBUSY, f"{action}: not allowed while frozen (the handover image is written)")
+
     def create_instance(self, name: str, caller: Caller, mode: int = 0o755) -> Instance:
         check_name(name)
         if name in self.instances:
             raise fail(errno.EEXIST, f"instance {name!r} already exists")
-        self._check_idle(f"mkdir {name}")
+        self.check_instances_open(f"mkdir {name}")
         inst = Instance(name, self._next_ino, caller.uid, caller.gid, mode & 0o7777)
         self._next_ino += INO_STRIDE
         self.instances[name] = self.by_ino[inst.ino] = inst
@@ -138,6 +146,9 @@ class LiveUpdate:
     def default_instance(self, caller: Caller) -> Instance:
         """The instance the top-level control file's FD ioctls act on (created on demand)."""
         if "default" not in self.instances:
+            if caller.uid != 0:  # as mkdir at the top: only root creates instances
+                raise fail(errno.EACCES, f"{caller}: there is no instance 'default', and only root creates "
+                                         f"instances")
             return self.create_instance("default", caller)
         return self.instances["default"]
 
@@ -209,7 +220,7 @@ class LiveUpdate:
         the event (raising KexecfsError on failure) and always releases the machine.
         """
         if event not in EVENTS:
-            raise fail(errno.EINVAL, f"unknown event {event!r}; events are {', '.join(EVENTS)}")
+            raise fail(errno.EINVAL, f"unknown event {event[:80]!r}; events are {', '.join(EVENTS)}")
         self.check_admin(caller, event)
         self._check_idle(event)
         allowed = {"prepare": (State.NORMAL,), "freeze": (State.PREPARED,), "finish": (State.UPDATED,),
@@ -234,6 +245,9 @@ class LiveUpdate:
                 self.last_error = f"{event}: {exc}"
                 log.error("%s by %s failed: %s", event, caller, exc)
                 raise KexecfsError(exc.errno or errno.EIO, self.last_error) from exc
+            except Exception as exc:  # a bug: the FUSE layer logs the traceback; status says it too
+                self.last_error = f"{event}: unexpected {type(exc).__name__}: {exc}"
+                raise
             finally:
                 self.busy = None
                 self.progress = ""
@@ -261,6 +275,7 @@ class LiveUpdate:
         prepared: dict[tuple[str, int], dict[str, Any]] = {}
         try:
             for inst, pf in self._files():
+                inject("prepare.file")
                 with _about(inst, pf, "prepare"):
                     pf.kind.validate(pf.fd)
                     prepared[inst.name, pf.token] = pf.kind.serialize(pf.fd, writer, None)
@@ -277,6 +292,7 @@ class LiveUpdate:
         try:
             records = [inst.record() for inst in self.instances.values()]
             for inst, pf in self._files():
+                inject("freeze.file")
                 with _about(inst, pf, "freeze"):
                     pf.kind.validate(pf.fd)
                     fields = pf.kind.serialize(pf.fd, writer, self._prepared[inst.name, pf.token])
@@ -286,6 +302,10 @@ class LiveUpdate:
                                              "state": State.FROZEN.word, "records": records})
         except BaseException:
             writer.abort()
+            if writer.committed:
+                # Failed after the rename (fsync of the directory, say): the caller hears
+                # that freeze failed, so a restart must not recover this image as if it had not.
+                self._retire_image("failed")
             self._discard_prepared()
             self.state = State.NORMAL
             raise
@@ -349,10 +369,16 @@ class LiveUpdate:
             return machine
         try:
             machine._recover(path)
-        except ImageError as exc:
+        except Exception as exc:
+            # Damaged, or a bug met while recovering: either way the daemon comes up (a crash
+            # here would repeat at every restart), and the image is kept for a fixed kexecfs.
+            if not isinstance(exc, ImageError):
+                log.exception("recovery of %s: unexpected error", path)
+                exc = ImageError(f"unexpected {type(exc).__name__} while recovering {path}: {exc}")
             for inst in machine.instances.values():
                 inst.drop_files()
-            aside = path.with_name(f"{IMAGE_NAME}.damaged-{int(time.time())}")
+            # Unique: a second damaged image in the same second must not replace the first.
+            aside = path.with_name(f"{IMAGE_NAME}.damaged-{int(time.time())}-{uuid.uuid4().hex[:8]}")
             os.rename(path, aside)
             machine.last_error = f"recovery: {exc}; kept aside as {aside.name}"
             machine.instances.clear()
@@ -368,6 +394,10 @@ class LiveUpdate:
             self.kexec_count = int(image.writer.get("kexec_count", 0)) + 1
             for rec in image.instances:
                 check_name(rec["name"])
+                if rec["ino"] < FIRST_INSTANCE_INO or rec["ino"] % INO_STRIDE:
+                    # Inode numbers of instances are the filesystem's: a stray one would alias other files.
+                    raise ImageError(f"{path}: instance {rec['name']!r} has inode number {rec['ino']}, not one "
+                                     f"kexecfs gives instances")
                 inst = Instance(rec["name"], rec["ino"], rec["uid"], rec["gid"], rec["mode"])
                 self.instances[inst.name] = self.by_ino[inst.ino] = inst
                 self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
@@ -382,14 +412,16 @@ class LiveUpdate:
                     image.warnings.append(msg)
                     log.warning("%s", msg)
                     continue
+                inject("recover.file")
                 pf = PreservedFile(rec["token"], kind, -1, rec, recovered=True)
                 inst.files[pf.token] = pf
                 try:
                     pf.fd = kind.restore(rec, image)
-                except KexecfsError as exc:
-                    # The file itself is gone (a regular file deleted on disk): this one
-                    # answers its errno at open; the rest of the image is fine.
-                    pf.error = exc
+                except (KexecfsError, OSError) as exc:
+                    # The file itself is gone (a regular file deleted on disk), or this boot
+                    # lacks room for it: this one answers its errno at open; the rest is fine.
+                    pf.error = exc if isinstance(exc, KexecfsError) else KexecfsError(
+                        exc.errno or errno.EIO, f"restore of token {pf.token}: {exc.strerror or exc}")
                     log.warning("instance %r token %d cannot be restored: %s", inst.name, pf.token, exc.message)
                 done += sum(e[1] for e in rec.get("extents", []))
                 self._progress("recovery")(done, total)
@@ -419,6 +451,7 @@ class LiveUpdate:
             return
         retired = self.image_dir / "retired"
         retired.mkdir(mode=0o700, exist_ok=True)
+        inject("retire.before_rename")
         target = retired / f"handover-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{why}.kximg"
         os.rename(path, target)
         for old in sorted(retired.glob("handover-*.kximg"), key=lambda p: p.stat().st_mtime)[:-RETIRED_KEPT]:

@@ -55,6 +55,34 @@ def statfs_type(path: str) -> int:
     return struct.unpack_from("=q", buf.raw)[0] & 0xFFFFFFFF
 
 
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+AT_STATX_DONT_SYNC = 0x4000
+_STATX_DEV = struct.Struct("=II")  # stx_dev_major, stx_dev_minor at offset 136 of struct statx
+
+
+def filesystem_type(fd: int) -> str:
+    """The type ("ext4", "fuse.kexecfs", ...) of the filesystem ``fd`` is on, as
+    /proc/self/mountinfo names it for its device; "" if no mount shows that device
+    (kernel-internal ones: pipes, sockets, memfds).
+
+    Unlike fstat(2) or fstatfs(2), this never sends a request to the filesystem itself
+    (statx with AT_STATX_DONT_SYNC takes the device from the superblock): on a FUSE file
+    those requests wait for its daemon, which may be this very process. The device, not
+    the mount, is compared: the file may come through a bind mount in a container's
+    mount namespace that this process does not see.
+    """
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(fd, b"", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, 0, buf) != 0:
+        _raise_errno("statx")
+    device = "%d:%d" % _STATX_DEV.unpack_from(buf.raw, 136)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == device and "-" in fields[6:]:
+                return fields[fields.index("-", 6) + 1]
+    return ""
+
+
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """Duplicate descriptor ``targetfd`` of the process behind ``pidfd`` into this one.
 

@@ -130,6 +130,9 @@ class KexecFS(pyfuse3.Operations):
         """The second half of a simulated kexec: a fresh machine recovered from the image alone,
         swapped in at once (requests meanwhile see the old machine, frozen)."""
         old = self.machine
+        # The old kernel is gone: nothing may change its machine while the next boot
+        # recovers (a mkdir there would be dropped, a cancel would retire the image).
+        old.busy = "kexec"
         new = await trio.to_thread.run_sync(old.reboot)
         old.listeners.remove(self._state_changed)
         self._attach(new)
@@ -248,6 +251,8 @@ class KexecFS(pyfuse3.Operations):
             elif node is None or node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             # Otherwise "echo x > file" truncating a pseudo file: a no-op, as in sysfs.
+        if (fields.update_uid or fields.update_gid or fields.update_mode) and inst is not None:
+            self.machine.check_instances_open(f"chown/chmod of instance {inst.name!r}")
         if (fields.update_uid or fields.update_gid) and inst is not None:
             if ctx.uid != 0:
                 raise fail(errno.EPERM, f"chown of instance {inst.name!r}: only root delegates instances; "
@@ -424,17 +429,19 @@ class KexecFS(pyfuse3.Operations):
         elif caller.uid == 0:
             await self.run_event(command, caller)
         else:
-            raise fail(errno.EINVAL, f"{caller}: an instance's owner may only write 'finish', not {command!r}")
+            raise fail(errno.EINVAL, f"{caller}: an instance's owner may only write 'finish', not {command[:80]!r}")
 
     async def store_preserve(self, inst: Instance, caller: Caller, command: str) -> None:
         words = command.split()
-        if len(words) > 2 or not all(w.lstrip("-").isascii() and w.lstrip("-").isdigit() for w in words):
-            raise fail(errno.EINVAL, f"fd_preserve: {caller} wrote {command!r}; expected 'FD [TOKEN]'")
+        # At most 20 digits (a u64): int() of a megabyte of digits raises, and takes long.
+        if len(words) > 2 or not all(w.lstrip("-").isascii() and w.lstrip("-").isdigit() and len(w) <= 20
+                                     for w in words):
+            raise fail(errno.EINVAL, f"fd_preserve: {caller} wrote {command[:80]!r}; expected 'FD [TOKEN]'")
         self.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
 
     async def store_unpreserve(self, inst: Instance, caller: Caller, command: str) -> None:
-        if not (command.isascii() and command.isdigit()):
-            raise fail(errno.EINVAL, f"fd_unpreserve: {caller} wrote {command!r}; expected a token")
+        if not (command.isascii() and command.isdigit() and len(command) <= 20):
+            raise fail(errno.EINVAL, f"fd_unpreserve: {caller} wrote {command[:80]!r}; expected a token")
         self.machine.unpreserve(inst, caller, int(command))
 
     def preserve(self, inst: Instance, caller: Caller, fd: int, token: int | None) -> PreservedFile:

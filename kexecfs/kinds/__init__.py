@@ -22,6 +22,11 @@ class Kind:
     """The interface every preservable kind implements."""
 
     name: ClassVar[str]
+    #: The fields of this kind's image records, with their types (the image's schema check);
+    #: integers are unsigned 64-bit (sizes and positions 63-bit) unless :meth:`check_record`
+    #: says otherwise.
+    fields: ClassVar[dict[str, type]] = {}
+    optional_fields: ClassVar[dict[str, type]] = {}
 
     @staticmethod
     def accepts(st: os.stat_result, fs_type: int) -> bool:
@@ -44,6 +49,19 @@ class Kind:
     def restore(self, record: dict[str, Any], image: HandoverImage) -> int:
         """A new descriptor for what ``record`` describes (after a kexec)."""
         raise NotImplementedError
+
+    def check_record(self, record: dict[str, Any]) -> str | None:
+        """Why ``record``, read from an image, cannot be restored as this kind (None if it can)."""
+        for key, typ in [*self.fields.items(), *((k, t) for k, t in self.optional_fields.items() if k in record)]:
+            value = record.get(key)
+            if not isinstance(value, typ) or isinstance(value, bool):
+                return f"field {key!r} missing or not {typ.__name__}"
+            # Sizes and positions are off_t; the rest (inode numbers, say) may use all 64 bits.
+            if isinstance(value, int) and not 0 <= value < 1 << (63 if key in ("size", "pos") else 64):
+                return f"field {key!r} = {value} out of range"
+            if isinstance(value, str) and "\0" in value:
+                return f"field {key!r} holds a NUL character"
+        return None
 
 
 def access_flags(flags: int) -> str:
@@ -96,6 +114,12 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (Memfd(), RegularFile())}
 
 def detect(fd: int) -> Kind:
     """The kind that can preserve ``fd``; ENOENT (as LUO) naming what it is otherwise."""
+    fs = syscalls.filesystem_type(fd)
+    if fs.startswith("fuse"):
+        # Not a single stat of it: the request would go to its FUSE daemon, and if that is
+        # this kexecfs (a file of its own mount), the daemon would wait for itself forever.
+        raise fail(errno.ENOENT, f"is a file on a FUSE filesystem ({fs}); only memfds and regular files on "
+                                 f"persistent filesystems can be preserved")
     st = os.fstat(fd)
     fs_type = syscalls.fstatfs_type(fd)
     for kind in KINDS.values():

@@ -22,8 +22,13 @@ def memfd_name(fd: int) -> str:
     return target.removesuffix(_MFD_SUFFIX)
 
 
+# Seals the kernel knows (F_SEAL_SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC).
+_SEALS = 0x3F
+
+
 class Memfd(Kind):
     name = "memfd"
+    fields = {"size": int, "pos": int, "flags": int, "seals": int, "name": str, "mode": int, "extents": list}
 
     @staticmethod
     def accepts(st: os.stat_result, fs_type: int) -> bool:
@@ -52,6 +57,20 @@ class Memfd(Kind):
         finally:
             os.close(readable)
         return record
+
+    def check_record(self, record: dict[str, Any]) -> str | None:
+        problem = super().check_record(record)
+        if problem:
+            return problem
+        if record["seals"] & ~_SEALS or record["mode"] > 0o7777 or record["flags"] >= 1 << 32:
+            return "seals, mode or flags out of range"
+        if len(record["name"].encode(errors="surrogateescape")) > 249:  # memfd_create's limit
+            return "name longer than 249 bytes"
+        for extent in record["extents"]:
+            if isinstance(extent, list) and len(extent) == 4 and all(isinstance(v, int) for v in extent[:2]) \
+                    and extent[0] + extent[1] > record["size"]:
+                return f"extent at {extent[0]} of {extent[1]} bytes goes beyond the size {record['size']}"
+        return None
 
     def restore(self, record: dict[str, Any], image: HandoverImage) -> int:
         fd = os.memfd_create(record.get("name", "kexecfs"), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

@@ -23,6 +23,8 @@ _KEPT_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
 class RegularFile(Kind):
     name = "file"
+    fields = {"size": int, "pos": int, "flags": int, "path": str, "dev": int, "ino": int}
+    optional_fields = {"handle_type": int, "handle": bytes}
 
     @staticmethod
     def accepts(st: os.stat_result, fs_type: int) -> bool:
@@ -43,6 +45,20 @@ class RegularFile(Kind):
 
     def serialize(self, fd: int, writer: ImageWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
         return self.capture(fd)
+
+    def check_record(self, record: dict[str, Any]) -> str | None:
+        problem = super().check_record(record)
+        if problem:
+            return problem
+        if record["flags"] & ~_KEPT_FLAGS:
+            # The flags are passed to open(): O_CREAT or O_TRUNC there must never come from an image.
+            return f"open flags {record['flags']:#o} beyond those a preserved file keeps"
+        if not record["path"].startswith("/"):
+            return f"path {record['path'][:80]!r} is not absolute"
+        if ("handle" in record) != ("handle_type" in record) or len(record.get("handle", b"")) > 128 \
+                or record.get("handle_type", 0) >= 1 << 31:
+            return "file handle incomplete or longer than MAX_HANDLE_SZ"
+        return None
 
     def restore(self, record: dict[str, Any], image: HandoverImage) -> int:
         flags = record["flags"] | os.O_CLOEXEC

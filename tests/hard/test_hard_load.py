@@ -1,0 +1,148 @@
+"""Load: 32 concurrent clients (processes, as the owners of four delegated instances)
+preserve and unpreserve thousands of memfds, racing each other for tokens, while the
+operator drives the state machine through prepare/cancel and prepare/freeze/cancel
+cycles. No token is lost or held twice, every client sees EEXIST/EBUSY only where the
+policy says so, and the image of the simulated kexec that follows holds exactly the
+files the clients hold, byte for byte.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hardlib import IMAGE, FaultyDaemon, listing, needs_fuse, sh_state_event, sha256_fd, state, write_errno
+from kexecfs.image import HandoverImage
+
+pytestmark = needs_fuse
+
+WORKER = Path(__file__).resolve().parent / "load_worker.py"
+OWNERS = [3000, 3001, 3002, 3003]
+
+
+def drive_state_machine(mnt: Path, stop: threading.Event, tally: collections.Counter) -> None:  # type: ignore[type-arg]
+    """The operator: prepare then cancel, sometimes prepare, freeze, cancel, as fast as it goes."""
+    rng = random.Random(4)
+    while not stop.is_set():
+        events = ["prepare", "freeze", "cancel"] if rng.random() < 0.3 else ["prepare", "cancel"]
+        for event in events:
+            err = write_errno(mnt / "state", event.encode())
+            tally[f"{event}:{err}"] += 1
+            assert err == 0, f"{event}: errno {err}"
+            time.sleep(rng.uniform(0, 0.03))
+        time.sleep(rng.uniform(0, 0.05))
+
+
+def run_load(tmp_path: Path, clients: int, ops: int, space: int) -> None:
+    d = FaultyDaemon(tmp_path)
+    d.start()
+    mnt = d.mountpoint
+    try:
+        names = [f"load{i}" for i in range(len(OWNERS))]
+        for name, uid in zip(names, OWNERS):
+            os.mkdir(mnt / name)
+            os.chown(mnt / name, uid, uid)
+        stop = threading.Event()
+        tally: collections.Counter[str] = collections.Counter()
+        driver = threading.Thread(target=drive_state_machine, args=(mnt, stop, tally))
+        started = time.monotonic()
+        procs = []
+        for c in range(clients):
+            i = c % len(OWNERS)
+            procs.append((names[i], subprocess.Popen(
+                ["setpriv", f"--reuid={OWNERS[i]}", f"--regid={OWNERS[i]}", "--clear-groups", "/usr/bin/python3",
+                 str(WORKER), str(mnt / names[i]), str(c), str(ops), str(space)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        driver.start()
+        results: dict[str, list[dict]] = collections.defaultdict(list)  # type: ignore[type-arg]
+        try:
+            for name, p in procs:
+                out, err = p.communicate(timeout=600)
+                assert p.returncode == 0, f"client of {name}: {err}"
+                results[name].append(json.loads(out))
+        finally:
+            stop.set()
+            driver.join(60)
+        elapsed = time.monotonic() - started
+        assert not driver.is_alive(), "the operator hung"
+        assert state(mnt) == "normal"
+        # No token lost, none held twice: the listing is the union of the clients' ledgers.
+        expected: dict[tuple[str, int], str] = {}
+        for name, ledgers in results.items():
+            for ledger in ledgers:
+                for token, digest in ledger["held"].items():
+                    assert (name, int(token)) not in expected, f"{name}/{token} held by two clients"
+                    expected[name, int(token)] = digest
+            assert listing(mnt, name) == sorted(t for n, t in expected if n == name), f"{name}: tokens differ"
+        counts = collections.Counter()  # type: ignore[var-annotated]
+        for ledgers in results.values():
+            for ledger in ledgers:
+                counts.update(ledger["counts"])
+        total_ops = sum(ledger["ops"] for ledgers in results.values() for ledger in ledgers)
+        # The simulated kexec: the image holds exactly those files, and each comes back whole.
+        for event in ("prepare", "kexec"):
+            sh_state_event(mnt, event)
+        image = HandoverImage.open(d.image_dir / IMAGE)
+        try:
+            image.verify()
+            in_image = {(f["instance"], f["token"]) for f in image.files}
+        finally:
+            image.close()
+        assert in_image == set(expected), "the image does not hold exactly the registered files"
+        for (name, token), digest in expected.items():
+            fd = os.open(mnt / name / "fds" / str(token), os.O_RDONLY)
+            try:
+                assert sha256_fd(fd, os.fstat(fd).st_size) == digest, f"{name}/{token}: contents differ"
+            finally:
+                os.close(fd)
+        sh_state_event(mnt, "finish")
+        print(f"load: {clients} clients, {total_ops} operations in {elapsed:.1f} s, {len(expected)} files "
+              f"preserved at the kexec; client outcomes {dict(counts)}; operator {dict(tally)}")
+        assert counts["preserve:ok"] > clients and counts["unpreserve:ok"] > 0
+        assert sum(v for k, v in tally.items() if k.startswith("prepare")) >= 3, "the machine was hardly driven"
+    finally:
+        d.stop()
+    d.check_log()
+
+
+@pytest.mark.hard
+def test_32_clients_thousands_of_files(tmp_path: Path) -> None:
+    run_load(tmp_path, clients=32, ops=200, space=600)
+
+
+def test_8_clients_fast(tmp_path: Path) -> None:
+    run_load(tmp_path, clients=8, ops=40, space=50)
+
+
+def test_more_files_than_a_default_soft_fd_limit(tmp_path: Path) -> None:
+    """Regression: every preserved file is a descriptor the daemon holds, and systemd
+    starts services with a soft RLIMIT_NOFILE of 1024: the thousand-and-somethingth
+    preserve failed with EMFILE. The daemon now raises its soft limit to the hard one."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    d = FaultyDaemon(tmp_path)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, max(hard, 4096)))  # what the daemon inherits
+    try:
+        d.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        os.mkdir(d.mountpoint / "many")
+        m = os.memfd_create("many")
+        os.write(m, b"x")
+        for token in range(600):
+            err = write_errno(d.mountpoint / "many/fd_preserve", f"{m} {token}".encode())
+            assert err == 0, f"preserve number {token}: errno {err}"
+        os.close(m)
+        assert len(listing(d.mountpoint, "many")) == 600
+    finally:
+        d.stop()
+    d.check_log()
