@@ -403,6 +403,7 @@ class LiveUpdate:
                 self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
             total = sum(e[1] for f in image.files for e in f.get("extents", []))
             done = 0
+            report = self._progress("recovery")
             for rec in image.files:
                 inst = self.instances.get(rec["instance"])
                 kind = KINDS.get(rec["kind"])
@@ -424,7 +425,7 @@ class LiveUpdate:
                         exc.errno or errno.EIO, f"restore of token {pf.token}: {exc.strerror or exc}")
                     log.warning("instance %r token %d cannot be restored: %s", inst.name, pf.token, exc.message)
                 done += sum(e[1] for e in rec.get("extents", []))
-                self._progress("recovery")(done, total)
+                report(done, total)
         finally:
             image.close()
         self.state = State.UPDATED

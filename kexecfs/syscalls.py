@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import select
 import struct
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -60,6 +61,35 @@ AT_STATX_DONT_SYNC = 0x4000
 _STATX_DEV = struct.Struct("=II")  # stx_dev_major, stx_dev_minor at offset 136 of struct statx
 
 
+class _MountTable:
+    """Device number -> filesystem type, from /proc/self/mountinfo, read again only when
+    the mount table changed (the kernel flags that with POLLPRI on the open file)."""
+
+    def __init__(self) -> None:
+        self._file = open("/proc/self/mountinfo", "rb")
+        self._poll = select.poll()
+        self._poll.register(self._file, select.POLLPRI | select.POLLERR)
+        self._types: dict[str, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        self._file.seek(0)
+        types = {}
+        for line in self._file.read().decode(errors="replace").splitlines():
+            fields = line.split()
+            if "-" in fields[6:]:
+                types[fields[2]] = fields[fields.index("-", 6) + 1]
+        self._types = types
+
+    def type_of(self, device: str) -> str:
+        if self._poll.poll(0):
+            self._load()
+        return self._types.get(device, "")
+
+
+_mounts: _MountTable | None = None
+
+
 def filesystem_type(fd: int) -> str:
     """The type ("ext4", "fuse.kexecfs", ...) of the filesystem ``fd`` is on, as
     /proc/self/mountinfo names it for its device; "" if no mount shows that device
@@ -71,16 +101,13 @@ def filesystem_type(fd: int) -> str:
     the mount, is compared: the file may come through a bind mount in a container's
     mount namespace that this process does not see.
     """
+    global _mounts
     buf = ctypes.create_string_buffer(256)
     if _libc.statx(fd, b"", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, 0, buf) != 0:
         _raise_errno("statx")
-    device = "%d:%d" % _STATX_DEV.unpack_from(buf.raw, 136)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == device and "-" in fields[6:]:
-                return fields[fields.index("-", 6) + 1]
-    return ""
+    if _mounts is None:
+        _mounts = _MountTable()
+    return _mounts.type_of("%d:%d" % _STATX_DEV.unpack_from(buf.raw, 136))
 
 
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:

@@ -456,68 +456,86 @@ class KexecFS(pyfuse3.Operations):
 
     def ioctl(self, req: int, ino: int, cmd: int, fh: int, flags: int, in_data: bytes, out_size: int,
               arg: int, pid: int, uid: int, gid: int) -> None:
-        """The C hook's callback: answer in a task, so slow commands do not stall the loop."""
-        assert self.nursery is not None
-        self.nursery.start_soon(self._ioctl, req, ino, cmd, fh, flags, in_data, Caller(pid, uid, gid))
-
-    async def _ioctl(self, req: int, ino: int, cmd: int, fh: int, flags: int, in_data: bytes,
-                     caller: Caller) -> None:
-        command = abi.COMMANDS.get(cmd)
+        """The C hook's callback, in the trio thread. Commands that look or register are
+        answered right here (a task per request would cost more than their work); events
+        of the state machine can take long, so a task answers them."""
         try:
-            h = self._handles.get(fh) if not flags & fusehook.FUSE_IOCTL_DIR else None
-            if command is None or h is None or h.node is None or not h.node.control:
-                # Not ours (TCGETS from isatty(), ioctls on other files): as any file would.
-                fusehook.reply_err(req, errno.ENOTTY)
+            command, inst, caller = self._ioctl_target(cmd, fh, flags, Caller(pid, uid, gid))
+            if command.event:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._ioctl_event, req, inst, caller, command)
                 return
-            inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
-            caller = Caller(caller.pid, caller.uid, caller.gid,
-                            f"{inst.name + '/' if inst else ''}control {command.name}")
-            out = await getattr(self, f"ioctl_{command.handler}")(inst, caller, command, in_data)
+            out = getattr(self, f"ioctl_{command.handler}")(inst, caller, in_data)
+        except Exception as exc:
+            _ioctl_failed(req, cmd, exc)
+        else:
             fusehook.reply_ioctl(req, out)
-        except KexecfsError as exc:
-            log.warning("ioctl: %s", exc)
-            fusehook.reply_err(req, exc.errno)
-        except Exception:
-            log.exception("ioctl %#x: unexpected error; answering EIO", cmd)
-            fusehook.reply_err(req, errno.EIO)
+
+    def _ioctl_target(self, cmd: int, fh: int, flags: int,
+                      caller: Caller) -> tuple[abi.Command, Instance | None, Caller]:
+        command = abi.COMMANDS.get(cmd)
+        h = self._handles.get(fh) if not flags & fusehook.FUSE_IOCTL_DIR else None
+        if command is None or h is None or h.node is None or not h.node.control:
+            raise _NOT_OURS
+        inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
+        via = f"{inst.name + '/' if inst else ''}control {command.name}"
+        return command, inst, Caller(caller.pid, caller.uid, caller.gid, via)
+
+    async def _ioctl_event(self, req: int, inst: Instance | None, caller: Caller, command: abi.Command) -> None:
+        try:
+            if inst is not None and command.event == "finish" and caller.uid != 0:
+                self.machine.finish_instance(inst, caller)
+            else:
+                await self.run_event(command.event, caller)
+        except Exception as exc:
+            _ioctl_failed(req, command.number, exc)
+        else:
+            fusehook.reply_ioctl(req, b"")
 
     def _ioctl_instance(self, inst: Instance | None, caller: Caller) -> Instance:
         return inst if inst is not None else self.machine.default_instance(caller)
 
-    async def ioctl_fd_preserve(self, inst: Instance | None, caller: Caller, command: abi.Command,
-                                data: bytes) -> bytes:
+    def ioctl_fd_preserve(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
         fd, flags, token = abi.LIVEUPDATE_FD.unpack(data)
         if flags:
             raise fail(errno.EINVAL, f"{caller}: struct liveupdate_fd.flags must be 0, not {flags:#x}")
         self.preserve(self._ioctl_instance(inst, caller), caller, fd, token)
         return b""
 
-    async def ioctl_fd_unpreserve(self, inst: Instance | None, caller: Caller, command: abi.Command,
-                                  data: bytes) -> bytes:
+    def ioctl_fd_unpreserve(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
         (token,) = abi.TOKEN.unpack(data)
         self.machine.unpreserve(self._ioctl_instance(inst, caller), caller, token)
         return b""
 
-    async def ioctl_fd_restore(self, inst: Instance | None, caller: Caller, command: abi.Command,
-                               data: bytes) -> bytes:
+    def ioctl_fd_restore(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
         _fd, _flags, token = abi.LIVEUPDATE_FD.unpack(data)
         target = self._ioctl_instance(inst, caller)
         self.machine.restore(target, caller, token)  # EACCES, ENOENT, EBUSY as /dev/liveupdate would
         raise fail(errno.EOPNOTSUPP, f"{caller}: FD_RESTORE cannot install a descriptor from a FUSE server; "
                                      f"open {target.name}/fds/{token} instead (kexecfs.client does)")
 
-    async def ioctl_get_state(self, inst: Instance | None, caller: Caller, command: abi.Command,
-                              data: bytes) -> bytes:
+    def ioctl_get_state(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
         state = self.machine.instance_state(inst) if inst else self.machine.state
         return abi.STATE.pack(state.number)
 
-    async def ioctl_event(self, inst: Instance | None, caller: Caller, command: abi.Command,
-                          data: bytes) -> bytes:
-        if inst is not None and command.event == "finish" and caller.uid != 0:
-            self.machine.finish_instance(inst, caller)
-        else:
-            await self.run_event(command.event, caller)
-        return b""
+
+# Not a LUO command on a control file (TCGETS from isatty(), ioctls on other files):
+# ENOTTY, as any file would answer, and nothing worth a log line.
+_NOT_OURS = KexecfsError(errno.ENOTTY, "")
+
+
+def _ioctl_failed(req: int, cmd: int, exc: Exception) -> None:
+    """Answer a failed ioctl as ``handler`` answers other requests: errno, one log line."""
+    if isinstance(exc, KexecfsError):
+        if exc.message:
+            log.warning("ioctl: %s", exc)
+        fusehook.reply_err(req, exc.errno)
+    elif isinstance(exc, OSError):
+        log.warning("ioctl %#x: %s", cmd, exc)
+        fusehook.reply_err(req, exc.errno or errno.EIO)
+    else:
+        log.error("ioctl %#x: unexpected error; answering EIO", cmd, exc_info=exc)
+        fusehook.reply_err(req, errno.EIO)
 
 
 def _forget_entry(name: str) -> None:
