@@ -423,7 +423,7 @@ class LiveUpdate:
                     # lacks room for it: this one answers its errno at open; the rest is fine.
                     pf.error = exc if isinstance(exc, KexecfsError) else KexecfsError(
                         exc.errno or errno.EIO, f"restore of token {pf.token}: {exc.strerror or exc}")
-                    log.warning("instance %r token %d cannot be restored: %s", inst.name, pf.token, exc.message)
+                    log.warning("instance %r token %d cannot be restored: %s", inst.name, pf.token, pf.error.message)
                 done += sum(e[1] for e in rec.get("extents", []))
                 report(done, total)
         finally:

@@ -224,3 +224,22 @@ def test_damaged_image_is_kept_aside(machine: LiveUpdate) -> None:
     assert after.state is State.NORMAL and after.instances == {}
     assert "checksum mismatch" in after.last_error
     assert not path.exists() and list(machine.image_dir.glob(f"{IMAGE_NAME}.damaged-*"))
+
+
+def test_a_file_that_cannot_be_restored_fails_alone(machine: LiveUpdate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError restoring one file (no room for a memfd, say) is that file's errno at
+    open; the rest of the image is recovered."""
+    from kexecfs.kinds.memfd import Memfd
+
+    inst = machine.create_instance("svc", ROOT)
+    machine.preserve(inst, ROOT, memfd(b"a"), 1)
+    run(machine, "prepare")
+    run(machine, "kexec")
+
+    def no_room(self: Memfd, record: dict, image: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Memfd, "restore", no_room)
+    after = machine.reboot()
+    assert after.state is State.UPDATED
+    assert errno_of(after.restore, after.instances["svc"], ROOT, 1) == errno.ENOSPC
