@@ -8,7 +8,6 @@ core function raises :class:`KexecfsError` and the FUSE layer maps it to both.
 from __future__ import annotations
 
 import errno as _errno
-import os
 
 
 class KexecfsError(Exception):
@@ -27,8 +26,3 @@ def fail(errno: int, message: str) -> KexecfsError:
     """Build a KexecfsError; ``raise fail(EBUSY, "...")`` reads like the kernel's ``return -EBUSY``."""
     return KexecfsError(errno, message)
 
-
-def from_oserror(exc: OSError, what: str) -> KexecfsError:
-    """Wrap an OSError from a syscall on the caller's behalf, keeping its errno."""
-    code = exc.errno or _errno.EIO
-    return KexecfsError(code, f"{what}: {os.strerror(code)}")

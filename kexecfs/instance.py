@@ -41,8 +41,6 @@ class Caller:
         return f"pid {self.pid} uid {self.uid}" + (f" via {self.via}" if self.via else "")
 
 
-ROOT = Caller(pid=os.getpid(), uid=0, gid=0, via="kexecfs")
-
 
 @dataclass
 class PreservedFile:
