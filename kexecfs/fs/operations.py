@@ -251,9 +251,14 @@ class KexecFS(pyfuse3.Operations):
             elif node is None or node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             # Otherwise "echo x > file" truncating a pseudo file: a no-op, as in sysfs.
-        if (fields.update_uid or fields.update_gid or fields.update_mode) and inst is not None:
+        chown = fields.update_uid or fields.update_gid
+        if (chown or fields.update_mode) and inst is None:
+            raise fail(errno.EPERM, "chown/chmod: the top of the mount belongs to root")
+        if chown or fields.update_mode:
+            assert inst is not None
             self.machine.check_instances_open(f"chown/chmod of instance {inst.name!r}")
-        if (fields.update_uid or fields.update_gid) and inst is not None:
+        if chown:
+            # Delegation (cgroup style): one owner for the instance and all its files.
             if ctx.uid != 0:
                 raise fail(errno.EPERM, f"chown of instance {inst.name!r}: only root delegates instances; "
                                         f"refused {caller}")
@@ -261,7 +266,7 @@ class KexecFS(pyfuse3.Operations):
             inst.gid = attr.st_gid if fields.update_gid else inst.gid
             log.info("instance %r delegated to uid %d gid %d by %s", inst.name, inst.uid, inst.gid, caller)
         if fields.update_mode:
-            if inst is None or node is not None or pf is not None:
+            if node is not None or pf is not None:
                 raise fail(errno.EPERM, "chmod: only instance directories have a mode of their own")
             inst.check_owner(caller, "chmod")
             inst.mode = stat.S_IMODE(attr.st_mode)
@@ -317,10 +322,10 @@ class KexecFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         h = Handle(node, inst.ino if inst else 0, seen=self.state_version)
         if pf is not None:
-            restored = self.machine.restore(inst, Caller(ctx.pid, ctx.uid, ctx.gid, f"open {inst.name}/fds/"  # type: ignore[union-attr,arg-type]
-                                                                                  f"{pf.token}"), pf.token)
+            assert inst is not None
+            caller = Caller(ctx.pid, ctx.uid, ctx.gid, f"open {inst.name}/fds/{pf.token}")
             # The handle keeps its own descriptor: the file stays valid after finish.
-            h.restored_fd = os.dup(restored.fd)
+            h.restored_fd = os.dup(self.machine.restore(inst, caller, pf.token).fd)
         fh = next(self._next_fh)
         self._handles[fh] = h
         if h.restored_fd >= 0 and fusehook.passthrough_available():
