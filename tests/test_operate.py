@@ -231,3 +231,31 @@ PY
     assert lines["pid inside"] == "1"
     assert lines["state"] == "updated" and lines["restored ok"] == "True" and lines["finished"] == "normal"
     assert (mnt / "state").read_text() == "updated\n", "'other' has not finished"
+
+
+def test_example_service_keeps_its_memfd_across_kexecs(daemon: Daemon) -> None:
+    """examples/keep_memfd.py (kexecfs-example.service's program) as its unit runs it:
+    as its own uid, on its instance only; its start count survives two kexecs."""
+    mnt = daemon.mountpoint
+    sh(f"mkdir {mnt}/example && chown -R {NOBODY}:{NOBODY} {mnt}/example", check=True)
+
+    def start_service() -> subprocess.Popen[str]:
+        return subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                 "/usr/bin/python3", str(ROOT / "examples/keep_memfd.py"), str(mnt / "example")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]})
+
+    outputs = []
+    for _ in range(3):
+        svc = start_service()
+        assert svc.stdout is not None
+        outputs.append(svc.stdout.readline().strip())  # it reports what it found, then waits
+        assert svc.poll() is None, svc.stderr.read() if svc.stderr else ""
+        sh(f"echo prepare > {mnt}/state", check=True)
+        assert svc.stdout.readline().strip() == "instance state: prepared"
+        svc.kill()  # stopped for the kexec, as systemd would before the freeze hook
+        svc.wait()
+        sh(f"echo freeze > {mnt}/state && echo kexec > {mnt}/state", check=True)
+    assert outputs == ["new memfd preserved as token 1",
+                       "restored memfd after a kexec: started 1 time(s) before",
+                       "restored memfd after a kexec: started 2 time(s) before"]
