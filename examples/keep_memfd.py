@@ -24,8 +24,8 @@ def main(instance_dir: str) -> None:
     if svc.state() == "updated" and any(p.token == TOKEN for p in svc.preserved()):
         memfd = svc.restore(TOKEN)
         starts = int.from_bytes(os.pread(memfd, 8, 0), "little")
-        print(f"restored memfd after a kexec: started {starts} time(s) before", flush=True)
         svc.finish()  # the restored file stays preserved for the next update
+        print(f"restored memfd after a kexec: started {starts} time(s) before", flush=True)
     else:
         if any(p.token == TOKEN for p in svc.preserved()):
             svc.unpreserve(TOKEN)  # restarted without a kexec: that memfd is not ours any more
