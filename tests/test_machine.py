@@ -12,7 +12,7 @@ import pytest
 
 from kexecfs.errors import KexecfsError
 from kexecfs.image import IMAGE_NAME
-from kexecfs.instance import Caller
+from kexecfs.instance import Caller, Instance
 from kexecfs.machine import LiveUpdate, State
 
 ROOT = Caller(pid=os.getpid(), uid=0, gid=0)
@@ -34,6 +34,14 @@ def memfd(data: bytes, name: str = "t") -> int:
     fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
     os.write(fd, data)
     return fd
+
+
+def preserve_regular_file(machine: LiveUpdate, inst: Instance, tmp_path: Path, token: int) -> Path:
+    """Preserve a small regular file (that a test may then delete) under ``token``."""
+    path = tmp_path / f"file-{token}"
+    path.write_bytes(b"x")
+    machine.preserve(inst, ROOT, os.open(path, os.O_RDONLY), token)
+    return path
 
 
 @pytest.fixture
@@ -109,9 +117,7 @@ def test_preserve_refused_outside_normal_and_updated(machine: LiveUpdate) -> Non
 def test_prepare_fails_whole_when_one_file_fails(machine: LiveUpdate, tmp_path: Path) -> None:
     inst = machine.create_instance("svc", ROOT)
     machine.preserve(inst, ROOT, memfd(b"fine"), 1)
-    doomed = tmp_path / "doomed"
-    doomed.write_bytes(b"x")
-    machine.preserve(inst, ROOT, os.open(doomed, os.O_RDONLY), 2)
+    doomed = preserve_regular_file(machine, inst, tmp_path, 2)
     doomed.unlink()  # a deleted file cannot be found again after a kexec
     assert errno_of(run, machine, "prepare") == errno.ENOENT
     assert machine.state is State.NORMAL and machine.busy is None
@@ -198,9 +204,7 @@ def test_restore_before_kexec_is_ebusy(machine: LiveUpdate) -> None:
 def test_failed_freeze_goes_back_to_normal(machine: LiveUpdate, tmp_path: Path) -> None:
     inst = machine.create_instance("svc", ROOT)
     machine.preserve(inst, ROOT, memfd(b"a"), 1)
-    doomed = tmp_path / "doomed"
-    doomed.write_bytes(b"x")
-    machine.preserve(inst, ROOT, os.open(doomed, os.O_RDONLY), 2)
+    doomed = preserve_regular_file(machine, inst, tmp_path, 2)
     run(machine, "prepare")
     doomed.unlink()
     assert errno_of(run, machine, "freeze") == errno.ENOENT
