@@ -25,7 +25,8 @@ from pathlib import Path
 from .daemon import DEFAULT_IMAGE_DIR, DEFAULT_MOUNTPOINT
 
 # -o options that are kexecfs's own; mount(8)'s generic ones are dropped, the rest go to FUSE.
-_OWN_OPTIONS = {"image_dir", "admin_group", "debug", "foreground", "log_file"}
+_OWN_OPTIONS = {"image_dir", "admin_group", "debug", "foreground", "log_file", "max_files", "max_bytes",
+                "no_passthrough"}
 _MOUNT_ONLY_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
                        "user", "nouser", "users", "defaults", "_netdev", "nofail", "relatime", "noatime",
                        "atime", "async", "sync"}
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", "-d", action="store_true", help="log FUSE requests too")
     m.add_argument("--admin-group", help="a group whose members may drive global events too")
     m.add_argument("--log-file", type=Path, help="log here (default: stderr; syslog when in the background)")
+    m.add_argument("--max-files", type=int, help="preserved files a new instance may hold (default: no limit; "
+                                                 "root changes it per instance in INSTANCE/files.max)")
+    m.add_argument("--max-bytes", type=int, help="bytes of memfd contents a new instance may hold (default: no "
+                                                 "limit; per instance in INSTANCE/bytes.max)")
+    m.add_argument("--no-passthrough", action="store_true",
+                   help="serve restored files through the daemon even where FUSE passthrough works")
     m.add_argument("-o", dest="options", action="append", default=[], help="mount options (image_dir=, ...)")
 
     s = sub.add_parser("status", help="show the status file")
@@ -82,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _mount(args: argparse.Namespace) -> int:
     from .daemon import MountOptions, mount, setup_logging
+    from .machine import Policy
 
     own, fuse = _split_mount_options(args.options)
     debug = args.debug or "debug" in own
@@ -89,11 +97,16 @@ def _mount(args: argparse.Namespace) -> int:
     log_file = args.log_file or (Path(own["log_file"]) if own.get("log_file") else None)
     setup_logging(debug, log_file, background=not foreground)
     group = args.admin_group or own.get("admin_group")
+    max_files = args.max_files if args.max_files is not None else own.get("max_files")
+    max_bytes = args.max_bytes if args.max_bytes is not None else own.get("max_bytes")
+    policy = Policy(admin_gid=(int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None,
+                    max_files=None if max_files is None else int(max_files),
+                    max_bytes=None if max_bytes is None else int(max_bytes))
     opts = MountOptions(
         mountpoint=args.mountpoint.absolute(),
         image_dir=Path(args.image_dir or own.get("image_dir") or DEFAULT_IMAGE_DIR).absolute(),
-        admin_gid=(int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None,
-        debug=debug, fuse_options=tuple(fuse))
+        policy=policy, debug=debug, passthrough=not (args.no_passthrough or "no_passthrough" in own),
+        fuse_options=tuple(fuse))
     return mount(opts, foreground=foreground)
 
 

@@ -122,12 +122,18 @@ class Instance:
     def wait_for_state(self, want: str | None = None, timeout: float | None = None) -> str:
         return _wait(self.path / "state", want, timeout)
 
-    def restore(self, token: int, flags: int = os.O_RDWR) -> int:
-        """After a kexec: a descriptor of the restored file, at its preserved position."""
+    def restore(self, token: int, flags: int | None = None) -> int:
+        """After a kexec: a descriptor of the restored file, at its preserved position.
+
+        ``flags`` default to the preserved descriptor's access (``r``, ``w``, ``rw``, with
+        O_APPEND for ``a``): asking for more is EACCES, as a restore never grants more.
+        """
         path = self.path / "fds" / str(token)
+        if flags is None:
+            flags = _open_flags(next((p.flags for p in self.preserved() if p.token == token), "rw"))
         fd = os.open(path, flags | os.O_CLOEXEC)
         try:
-            pos = int(os.getxattr(path, "user.kexecfs.pos"))
+            pos = 0 if flags & os.O_APPEND else _preserved_position(path)
             if pos:
                 os.lseek(fd, pos, os.SEEK_SET)
         except BaseException:
@@ -179,3 +185,18 @@ class Kexecfs:
     def status(self) -> dict[str, str]:
         lines = (self.path / "status").read_text().splitlines()
         return dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "") for line in lines)
+
+
+def _open_flags(access: str) -> int:
+    """open(2) flags for a ``fd_preserve`` flags column (``r``, ``w``, ``rw``, ``a`` for O_APPEND)."""
+    mode = {"r": os.O_RDONLY, "w": os.O_WRONLY}.get(access.rstrip("a"), os.O_RDWR)
+    return mode | (os.O_APPEND if access.endswith("a") else 0)
+
+
+def _preserved_position(path: Path) -> int:
+    try:
+        return int(os.getxattr(path, "user.kexecfs.pos"))
+    except PermissionError:
+        # A write-only file's mode (0200) lets the kernel refuse user xattrs to its owner:
+        # it restores at offset 0.
+        return 0

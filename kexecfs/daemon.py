@@ -22,7 +22,7 @@ import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
 from .fs.operations import KexecFS  # noqa: E402
-from .machine import LiveUpdate  # noqa: E402
+from .machine import LiveUpdate, Policy  # noqa: E402
 
 log = logging.getLogger("kexecfs.daemon")
 
@@ -34,8 +34,9 @@ DEFAULT_IMAGE_DIR = "/var/lib/kexecfs"
 class MountOptions:
     mountpoint: Path
     image_dir: Path = Path(DEFAULT_IMAGE_DIR)
-    admin_gid: int | None = None
+    policy: Policy = Policy()
     debug: bool = False
+    passthrough: bool = True
     fuse_options: tuple[str, ...] = ()
 
 
@@ -98,8 +99,8 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or SIGTERM/SIGINT; ``ready`` runs once requests are served."""
     raise_descriptor_limit()
     clear_dead_mount(opts.mountpoint)
-    machine = LiveUpdate.boot(opts.image_dir, admin_gid=opts.admin_gid)
-    fs = KexecFS(machine)
+    machine = LiveUpdate.boot(opts.image_dir, policy=opts.policy)
+    fs = KexecFS(machine, passthrough=opts.passthrough)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
     fuse_options |= {"fsname=kexecfs", "subtype=kexecfs", "allow_other", *opts.fuse_options}
     if opts.debug:

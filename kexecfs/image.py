@@ -267,7 +267,10 @@ _RECORD_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 _RANGES: dict[str, tuple[int, int]] = {
     "uid": (0, (1 << 32) - 2), "gid": (0, (1 << 32) - 2), "mode": (0, 0o7777), "ino": (0, (1 << 63) - 1),
     "token": (0, (1 << 64) - 1), "kexec_count": (0, (1 << 63) - 1),
+    "max_files": (0, (1 << 63) - 1), "max_bytes": (0, (1 << 63) - 1),
 }
+# Fields a record may lack (written only when set): checked like the others when present.
+_OPTIONAL_FIELDS: dict[str, dict[str, type]] = {"instance": {"max_files": int, "max_bytes": int}}
 
 
 @dataclass
@@ -354,7 +357,8 @@ class HandoverImage:
             self.warnings.append(f"{where}: skipped a record of unknown type {record['type']!r}")
             log.warning("%s", self.warnings[-1])
             return
-        for key, typ in fields.items():
+        optional = {k: t for k, t in _OPTIONAL_FIELDS.get(record["type"], {}).items() if k in record}
+        for key, typ in {**fields, **optional}.items():
             if not isinstance(record.get(key), typ) or isinstance(record.get(key), bool):
                 raise ImageError(f"{where}: field {key!r} missing or not {typ.__name__}")
             if isinstance(record[key], int) and not _in_range(key, record[key]):

@@ -67,6 +67,48 @@ class PreservedFile:
                 pass
         return int(self.record.get("size", 0))
 
+    # ------------------------------------------------------------------ what a restore may grant
+
+    @property
+    def preserved_flags(self) -> int:
+        """The open flags of the descriptor that was preserved (kept in the image as they
+        were at preservation, however often the file is restored and carried again)."""
+        return int(self.record.get("flags", os.O_RDONLY))
+
+    @property
+    def appends(self) -> bool:
+        return bool(self.preserved_flags & os.O_APPEND)
+
+    def permission_bits(self) -> int:
+        """The mode ``ls -l fds/`` shows: the access a restore grants, to the owner only."""
+        return {os.O_RDONLY: 0o400, os.O_WRONLY: 0o200}.get(self.preserved_flags & os.O_ACCMODE, 0o600)
+
+    def check_access(self, flags: int, what: str) -> None:
+        """EACCES unless an open with ``flags`` asks for no more than the preserved descriptor had:
+        reading and writing only as it could, O_APPEND kept for writers, no truncation of an
+        append-only file (it could never have written anywhere but at the end)."""
+        had = self.preserved_flags & os.O_ACCMODE
+        wants = flags & os.O_ACCMODE
+        wants_write = wants in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
+        problem = ""
+        if wants in (os.O_RDONLY, os.O_RDWR) and had == os.O_WRONLY:
+            problem = "it asks to read, and the preserved descriptor was write-only"
+        elif wants_write and had == os.O_RDONLY:
+            problem = "it asks to write, and the preserved descriptor was read-only"
+        elif wants_write and self.appends and (flags & os.O_TRUNC or not flags & os.O_APPEND):
+            problem = ("the preserved descriptor was O_APPEND: a writer must open with O_APPEND too, "
+                       "and may not truncate")
+        if problem:
+            raise fail(errno.EACCES, f"{what} with flags {flags:#o} refused: {problem} "
+                                     f"({access_flags(self.preserved_flags)}); a restore never grants more")
+
+    def reopen(self, flags: int) -> int:
+        """A descriptor of the restored file of its own, opened with what ``flags`` asks
+        (already checked): the kernel then holds every proxied read and write to the granted
+        access and to O_APPEND, whatever the FUSE file's flags become later (F_SETFL)."""
+        keep = (flags & os.O_ACCMODE) | (os.O_APPEND if self.appends else 0)
+        return os.open(f"/proc/self/fd/{self.fd}", keep | os.O_CLOEXEC)
+
     def line(self) -> str:
         """``<token> <kind> <size> <flags>``, as ``fd_preserve`` lists it."""
         return f"{self.token} {self.kind.name} {self.size} {access_flags(self.record.get('flags', 0))}"
@@ -89,12 +131,37 @@ class Instance:
     files: dict[int, PreservedFile] = field(default_factory=dict)
     finished: bool = False  # after a kexec: the owner wrote "finish"
     removed: bool = False
+    max_files: int | None = None  # root's limits (files.max, bytes.max); None: no limit
+    max_bytes: int | None = None
 
     def check_owner(self, caller: Caller, action: str) -> None:
         """EACCES unless the caller owns this instance (or is root)."""
         if caller.uid != 0 and caller.uid != self.uid:
             raise fail(errno.EACCES, f"{action}: {caller} does not own instance {self.name!r} "
                                      f"(owner uid {self.uid})")
+
+    def image_bytes(self) -> int:
+        """The bytes of contents this instance puts into the image (memfds; not regular files)."""
+        return sum(pf.size for pf in self.files.values() if pf.kind.stores_contents)
+
+    def check_room(self, kind: Kind, record: dict[str, Any], caller: Caller) -> None:
+        """ENOSPC past the file limit, EDQUOT past the byte limit, for one more preserved file."""
+        if self.max_files is not None and len(self.files) >= self.max_files:
+            raise fail(errno.ENOSPC, f"fd_preserve by {caller}: instance {self.name!r} already holds "
+                                     f"{len(self.files)} file(s), its limit (files.max)")
+        if self.max_bytes is not None and kind.stores_contents:
+            total = self.image_bytes() + int(record.get("size", 0))
+            if total > self.max_bytes:
+                raise fail(errno.EDQUOT, f"fd_preserve by {caller}: a {kind.name} of {record.get('size', 0)} bytes "
+                                         f"would bring instance {self.name!r} to {total} bytes, over its limit "
+                                         f"of {self.max_bytes} (bytes.max)")
+
+    def check_bytes(self, action: str) -> None:
+        """EDQUOT if what the instance holds has grown past its byte limit (checked at prepare)."""
+        if self.max_bytes is not None and (total := self.image_bytes()) > self.max_bytes:
+            raise fail(errno.EDQUOT, f"{action}: instance {self.name!r} holds {total} bytes, over its limit of "
+                                     f"{self.max_bytes} (bytes.max); root can raise the limit or drop a file "
+                                     f"with: echo TOKEN > {self.name}/fd_unpreserve")
 
     def free_token(self) -> int:
         """The lowest token not in use."""
@@ -128,5 +195,6 @@ class Instance:
         self.files.clear()
 
     def record(self) -> dict[str, Any]:
+        limits = {k: v for k, v in (("max_files", self.max_files), ("max_bytes", self.max_bytes)) if v is not None}
         return {"type": "instance", "name": self.name, "uid": self.uid, "gid": self.gid,
-                "mode": self.mode, "ino": self.ino}
+                "mode": self.mode, "ino": self.ino, **limits}

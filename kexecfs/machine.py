@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,16 @@ class State(enum.Enum):
 EVENTS = ("prepare", "cancel", "freeze", "kexec", "finish")
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What root decides for the whole mount: who besides root drives global events, and
+    the limits every new instance starts with (root changes them per instance later)."""
+
+    admin_gid: int | None = None
+    max_files: int | None = None  # preserved files per instance; None: no limit
+    max_bytes: int | None = None  # bytes of contents per instance that the image holds
+
+
 def kernel_boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
@@ -70,11 +81,11 @@ class LiveUpdate:
     """One machine: its state, its instances, and the image it builds or came from."""
 
     def __init__(self, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,
-                 admin_gid: int | None = None) -> None:
+                 policy: Policy = Policy()) -> None:
         self.image_dir = image_dir
         self.boot_id = boot_id or kernel_boot_id()
         self.kexec_count = kexec_count
-        self.admin_gid = admin_gid
+        self.policy = policy
         self.state = State.NORMAL
         self.instances: dict[str, Instance] = {}
         self.by_ino: dict[int, Instance] = {}  # the filesystem finds instances by inode on every request
@@ -126,7 +137,8 @@ class LiveUpdate:
         if name in self.instances:
             raise fail(errno.EEXIST, f"instance {name!r} already exists")
         self.check_instances_open(f"mkdir {name}")
-        inst = Instance(name, self._next_ino, caller.uid, caller.gid, mode & 0o7777)
+        inst = Instance(name, self._next_ino, caller.uid, caller.gid, mode & 0o7777,
+                        max_files=self.policy.max_files, max_bytes=self.policy.max_bytes)
         self._next_ino += INO_STRIDE
         self.instances[name] = self.by_ino[inst.ino] = inst
         log.info("instance %r created by %s", name, caller)
@@ -142,6 +154,15 @@ class LiveUpdate:
         inst.removed = True
         del self.instances[name], self.by_ino[inst.ino]
         log.info("instance %r removed by %s", name, caller)
+
+    def set_limit(self, inst: Instance, caller: Caller, which: str, value: int | None) -> None:
+        """Root sets an instance's limit (``files`` or ``bytes``); None lifts it. A limit below
+        what the instance holds is kept: only new preserves (and prepare, for bytes) meet it."""
+        if caller.uid != 0:
+            raise fail(errno.EPERM, f"{which}.max of {inst.name!r}: limits are set by root; refused {caller}")
+        self.check_instances_open(f"{which}.max of {inst.name!r}")
+        setattr(inst, f"max_{which}", value)
+        log.info("instance %r: %s.max set to %s by %s", inst.name, which, "max" if value is None else value, caller)
 
     def default_instance(self, caller: Caller) -> Instance:
         """The instance the top-level control file's FD ioctls act on (created on demand)."""
@@ -174,7 +195,9 @@ class LiveUpdate:
                 kind = detect(fd)
             except KexecfsError as exc:
                 raise fail(exc.errno, f"fd_preserve: the file from {caller} {exc.message}") from None
-            pf = inst.add(token, kind, fd, kind.capture(fd))
+            record = kind.capture(fd)
+            inst.check_room(kind, record, caller)
+            pf = inst.add(token, kind, fd, record)
         except BaseException:
             os.close(fd)
             raise
@@ -189,8 +212,9 @@ class LiveUpdate:
         del inst.files[token]
         log.info("instance %r: unpreserved token %d by %s", inst.name, token, caller)
 
-    def restore(self, inst: Instance, caller: Caller, token: int) -> PreservedFile:
-        """The restored file behind ``fds/<token>`` (after a kexec only)."""
+    def restore(self, inst: Instance, caller: Caller, token: int, flags: int | None = None) -> PreservedFile:
+        """The restored file behind ``fds/<token>`` (after a kexec only), for an open with
+        ``flags``: EACCES if they ask for more than the preserved descriptor had."""
         inst.check_owner(caller, "restore")
         pf = inst.get(token)
         if self.state is not State.UPDATED or not pf.recovered:
@@ -198,6 +222,8 @@ class LiveUpdate:
                                     f"(the machine is {self.instance_state(inst).word})")
         if pf.error:
             raise pf.error
+        if flags is not None:
+            pf.check_access(flags, f"restore of {inst.name}/fds/{token} by {caller}")
         pf.opened = True
         log.info("instance %r: token %d restored by %s", inst.name, token, caller)
         return pf
@@ -205,12 +231,13 @@ class LiveUpdate:
     # ------------------------------------------------------------------ events
 
     def check_admin(self, caller: Caller, event: str) -> None:
+        gid = self.policy.admin_gid
         if caller.uid == 0:
             return
-        if self.admin_gid is not None and self.admin_gid in _groups_of(caller):
+        if gid is not None and gid in _groups_of(caller):
             return
         raise fail(errno.EPERM, f"{event}: global events are for root"
-                                + (f" and group {self.admin_gid}" if self.admin_gid is not None else "")
+                                + (f" and group {gid}" if gid is not None else "")
                                 + f"; refused {caller}")
 
     def begin(self, event: str, caller: Caller) -> Callable[[], None]:
@@ -274,6 +301,8 @@ class LiveUpdate:
         writer = ImageWriter(self.image_dir, progress=self._progress("prepare"))
         prepared: dict[tuple[str, int], dict[str, Any]] = {}
         try:
+            for inst in self.instances.values():
+                inst.check_bytes("prepare")  # memfds can have grown since they were preserved
             for inst, pf in self._files():
                 inject("prepare.file")
                 with _about(inst, pf, "prepare"):
@@ -296,6 +325,9 @@ class LiveUpdate:
                 with _about(inst, pf, "freeze"):
                     pf.kind.validate(pf.fd)
                     fields = pf.kind.serialize(pf.fd, writer, self._prepared[inst.name, pf.token])
+                # The access a later restore grants is the preserved descriptor's, never that
+                # of the descriptor the daemon holds (a restored memfd is its own, read-write).
+                fields["flags"] = pf.preserved_flags
                 records.append({"type": "file", "instance": inst.name, "token": pf.token,
                                 "kind": pf.kind.name, **fields})
             self.last_image = writer.commit({"writer": writer_info(self.boot_id, self.kexec_count),
@@ -347,11 +379,11 @@ class LiveUpdate:
         """The machine the next boot of a simulated kexec finds: a new boot id, and
         whatever the image directory alone holds (call after the kexec event)."""
         return LiveUpdate.boot(self.image_dir, boot_id=str(uuid.uuid4()), kexec_count=self.kexec_count + 1,
-                               admin_gid=self.admin_gid)
+                               policy=self.policy)
 
     @classmethod
     def boot(cls, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,
-             admin_gid: int | None = None) -> LiveUpdate:
+             policy: Policy = Policy()) -> LiveUpdate:
         """A machine for a (re)started daemon: ``updated`` from an image if there is one.
 
         A damaged image is never half-loaded: it is renamed aside, the reason goes to
@@ -364,7 +396,7 @@ class LiveUpdate:
                         leftover)
             leftover.unlink()
         path = image_dir / IMAGE_NAME
-        machine = cls(image_dir, boot_id, kexec_count, admin_gid)
+        machine = cls(image_dir, boot_id, kexec_count, policy)
         if not path.exists():
             return machine
         try:
@@ -398,7 +430,8 @@ class LiveUpdate:
                     # Inode numbers of instances are the filesystem's: a stray one would alias other files.
                     raise ImageError(f"{path}: instance {rec['name']!r} has inode number {rec['ino']}, not one "
                                      f"kexecfs gives instances")
-                inst = Instance(rec["name"], rec["ino"], rec["uid"], rec["gid"], rec["mode"])
+                inst = Instance(rec["name"], rec["ino"], rec["uid"], rec["gid"], rec["mode"],
+                                max_files=rec.get("max_files"), max_bytes=rec.get("max_bytes"))
                 self.instances[inst.name] = self.by_ino[inst.ino] = inst
                 self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
             total = sum(e[1] for f in image.files for e in f.get("extents", []))
@@ -479,15 +512,17 @@ class _about:
 
     def __init__(self, inst: Instance, pf: PreservedFile, phase: str) -> None:
         self.where = f"{phase}: instance {inst.name!r} token {pf.token}"
+        # The whole update waits for this one file: say how the operator lets it go on.
+        self.remedy = f"; to drop just this file: echo {pf.token} > {inst.name}/fd_unpreserve"
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, typ: type | None, exc: BaseException | None, tb: object) -> bool:
         if isinstance(exc, KexecfsError):
-            raise KexecfsError(exc.errno, f"{self.where}: {exc.message}") from None
+            raise KexecfsError(exc.errno, f"{self.where}: {exc.message}{self.remedy}") from None
         if isinstance(exc, OSError):
-            raise KexecfsError(exc.errno or errno.EIO, f"{self.where}: {exc.strerror or exc}") from None
+            raise KexecfsError(exc.errno or errno.EIO, f"{self.where}: {exc.strerror or exc}{self.remedy}") from None
         return False
 
 

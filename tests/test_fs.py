@@ -35,7 +35,8 @@ def _q(text: str) -> str:
 def test_tree_and_initial_state(mnt: Path) -> None:
     out = sh(f"ls {mnt}; cat {mnt}/state; mkdir {mnt}/svc; ls {mnt}/svc; cat {mnt}/svc/state", check=True).stdout
     assert out.split() == ["control", "state", "status", "normal",
-                           "control", "fd_preserve", "fd_unpreserve", "fds", "state", "normal"]
+                           "bytes.max", "control", "fd_preserve", "fd_unpreserve", "fds", "files.max", "state",
+                           "normal"]
     status = (mnt / "status").read_text()
     assert "state: normal\n" in status and "instances: 1\n" in status
 

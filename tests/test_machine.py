@@ -13,7 +13,7 @@ import pytest
 from kexecfs.errors import KexecfsError
 from kexecfs.image import IMAGE_NAME
 from kexecfs.instance import Caller, Instance
-from kexecfs.machine import LiveUpdate, State
+from kexecfs.machine import LiveUpdate, Policy, State
 
 ROOT = Caller(pid=os.getpid(), uid=0, gid=0)
 ALICE = Caller(pid=os.getpid(), uid=1000, gid=1000)
@@ -64,7 +64,7 @@ def test_wrong_state_errnos(machine: LiveUpdate, event: str, states: list[State]
 
 def test_events_need_root(machine: LiveUpdate) -> None:
     assert errno_of(machine.begin, "prepare", ALICE) == errno.EPERM
-    machine.admin_gid = ALICE.gid
+    machine.policy = Policy(admin_gid=ALICE.gid)
     run(machine, "prepare", ALICE)
     assert machine.state is State.PREPARED
 

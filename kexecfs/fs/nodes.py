@@ -47,6 +47,9 @@ NODES: tuple[Node, ...] = (
     Node("fd_unpreserve", Scope.INSTANCE, 3, stat.S_IFREG | 0o200, store="unpreserve"),
     Node("control", Scope.INSTANCE, 4, stat.S_IFREG | 0o600, control=True),
     Node("fds", Scope.INSTANCE, FDS_OFFSET, stat.S_IFDIR | 0o755),
+    # Root's limits for the instance (cgroup's pids.max style: a number, or "max").
+    Node("files.max", Scope.INSTANCE, 6, stat.S_IFREG | 0o644, show="max_files", store="max_files"),
+    Node("bytes.max", Scope.INSTANCE, 7, stat.S_IFREG | 0o644, show="max_bytes", store="max_bytes"),
 )
 
 GLOBAL_BY_INO = {n.offset: n for n in NODES if n.scope is Scope.GLOBAL}

@@ -74,7 +74,8 @@ class Handle:
     instance_ino: int
     text: bytes = b""  # the rendering served to reads (made at offset 0, like seq_file)
     seen: int = -1  # the state version at open or last read, for poll()
-    restored_fd: int = -1  # fds/<token>: the daemon's own descriptor of the restored file
+    restored_fd: int = -1  # fds/<token>: the daemon's own descriptor of the restored file, as granted
+    opener_uid: int = 0  # who opened it: a command written through it must come from that uid (or root's open)
 
 
 class KexecFS(pyfuse3.Operations):
@@ -83,9 +84,10 @@ class KexecFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False  # writes must arrive synchronously, from their writer
 
-    def __init__(self, machine: LiveUpdate) -> None:
+    def __init__(self, machine: LiveUpdate, passthrough: bool = True) -> None:
         super().__init__()
         self.machine = machine
+        self.passthrough = passthrough  # off: every restored file is served by the proxy (tests, debugging)
         self.nursery: trio.Nursery | None = None  # set by the daemon before serving
         self.state_version = 0
         self.mounted_ns = time.time_ns()
@@ -176,7 +178,7 @@ class KexecFS(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = DIR_TIMEOUT
         a.st_nlink = 1
         if pf is not None:
-            a.st_mode = stat.S_IFREG | 0o600
+            a.st_mode = stat.S_IFREG | pf.permission_bits()
             a.st_size = pf.size
             a.entry_timeout = a.attr_timeout = 0  # sizes change and tokens come and go
         elif node is None and inst is None:
@@ -246,7 +248,9 @@ class KexecFS(pyfuse3.Operations):
         caller = Caller(ctx.pid, ctx.uid, ctx.gid, "setattr")
         if fields.update_size:
             if pf is not None:
-                restored = self.machine.restore(inst, caller, pf.token)  # type: ignore[arg-type]
+                # A truncate writes: only as the preserved descriptor could have (not read-only, not O_APPEND).
+                restored = self.machine.restore(inst, caller, pf.token,  # type: ignore[arg-type]
+                                                os.O_WRONLY | os.O_TRUNC)
                 os.ftruncate(restored.fd, attr.st_size)
             elif node is None or node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
@@ -320,17 +324,27 @@ class KexecFS(pyfuse3.Operations):
         node, inst, pf = self._resolve(inode)
         if node is not None and node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        h = Handle(node, inst.ino if inst else 0, seen=self.state_version)
+        h = Handle(node, inst.ino if inst else 0, seen=self.state_version, opener_uid=ctx.uid)
         if pf is not None:
             assert inst is not None
             caller = Caller(ctx.pid, ctx.uid, ctx.gid, f"open {inst.name}/fds/{pf.token}")
-            # The handle keeps its own descriptor: the file stays valid after finish.
-            h.restored_fd = os.dup(self.machine.restore(inst, caller, pf.token).fd)
+            # The handle keeps a descriptor of its own, with only the access granted: the
+            # file stays valid after finish, and proxied I/O cannot exceed the grant.
+            h.restored_fd = self.machine.restore(inst, caller, pf.token, flags).reopen(flags)
+            if flags & os.O_TRUNC:
+                try:
+                    os.ftruncate(h.restored_fd, 0)  # atomic_o_trunc: the kernel leaves it to us
+                except OSError:
+                    os.close(h.restored_fd)
+                    raise
         fh = next(self._next_fh)
         self._handles[fh] = h
-        if h.restored_fd >= 0 and fusehook.passthrough_available():
-            # The kernel serves reads, writes and mmap from the restored file itself;
-            # the proxy methods below answer only if the extension has to fall back.
+        if h.restored_fd >= 0 and self.passthrough and not pf.appends:  # type: ignore[union-attr]
+            # The kernel serves reads, writes and mmap from the restored file itself, opened
+            # with this open's flags; the proxy methods below answer only if the extension
+            # has to fall back. Never for an O_APPEND file: the kernel's passthrough writes
+            # follow the FUSE file's flags, which F_SETFL can change, so the daemon appends
+            # each write itself through its O_APPEND descriptor.
             fusehook.passthrough_open(fh, h.restored_fd)
         # direct_io: pseudo files have no size the page cache could trust, and a proxied
         # restored file must not be cached apart from the memfd it stands for.
@@ -361,6 +375,7 @@ class KexecFS(pyfuse3.Operations):
         pid, uid, gid = fusehook.last_request_ctx()  # valid only until the first await
         h = self._handle(fh)
         if h.restored_fd >= 0:
+            # Its descriptor has the granted flags: on an O_APPEND one, pwrite appends.
             return os.pwrite(h.restored_fd, buf, off)
         assert h.node is not None
         inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
@@ -368,6 +383,7 @@ class KexecFS(pyfuse3.Operations):
         caller = Caller(pid, uid, gid, via)
         if h.node.store is None:
             raise fail(errno.EINVAL, f"{via} is read-only; {caller} wrote to it")
+        _check_opener(h, caller)
         try:
             command = buf.decode("ascii").strip()
         except UnicodeDecodeError:
@@ -399,9 +415,10 @@ class KexecFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # What open() of fds/<token> cannot carry: the preserved file position and seals,
         # for clients that want to reinstate them (kexecfs.client does).
-        _node, _inst, pf = self._resolve(inode)
+        _node, inst, pf = self._resolve(inode)
         key = name.decode(errors="replace")
         if pf is not None and key in ("user.kexecfs.pos", "user.kexecfs.seals", "user.kexecfs.kind"):
+            inst.check_owner(Caller(ctx.pid, ctx.uid, ctx.gid, f"getxattr {key}"), "getxattr")  # type: ignore[union-attr]
             value = pf.kind.name if key.endswith("kind") else pf.record.get(key.rsplit(".", 1)[1], 0)
             return str(value).encode()
         raise pyfuse3.FUSEError(errno.ENODATA)
@@ -417,11 +434,17 @@ class KexecFS(pyfuse3.Operations):
     def show_status(self, inst: None) -> str:
         inject("show_status")
         status = self.machine.status()
-        status["restore"] = "passthrough" if fusehook.passthrough_available() else "proxy"
+        status["restore"] = "passthrough" if self.passthrough and fusehook.passthrough_available() else "proxy"
         return "".join(f"{k}: {v}\n" for k, v in status.items())
 
     def show_preserved(self, inst: Instance) -> str:
         return inst.listing()
+
+    def show_max_files(self, inst: Instance) -> str:
+        return _limit_text(inst.max_files)
+
+    def show_max_bytes(self, inst: Instance) -> str:
+        return _limit_text(inst.max_bytes)
 
     # ------------------------------------------------------------------ stores (writes)
 
@@ -443,6 +466,12 @@ class KexecFS(pyfuse3.Operations):
                                      for w in words):
             raise fail(errno.EINVAL, f"fd_preserve: {caller} wrote {command[:80]!r}; expected 'FD [TOKEN]'")
         self.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
+
+    async def store_max_files(self, inst: Instance, caller: Caller, command: str) -> None:
+        self.machine.set_limit(inst, caller, "files", _parse_limit(command, caller, "files.max"))
+
+    async def store_max_bytes(self, inst: Instance, caller: Caller, command: str) -> None:
+        self.machine.set_limit(inst, caller, "bytes", _parse_limit(command, caller, "bytes.max"))
 
     async def store_unpreserve(self, inst: Instance, caller: Caller, command: str) -> None:
         if not (command.isascii() and command.isdigit() and len(command) <= 20):
@@ -484,7 +513,9 @@ class KexecFS(pyfuse3.Operations):
             raise _NOT_OURS
         inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
         via = f"{inst.name + '/' if inst else ''}control {command.name}"
-        return command, inst, Caller(caller.pid, caller.uid, caller.gid, via)
+        caller = Caller(caller.pid, caller.uid, caller.gid, via)
+        _check_opener(h, caller)
+        return command, inst, caller
 
     async def _ioctl_event(self, req: int, inst: Instance | None, caller: Caller, command: abi.Command) -> None:
         try:
@@ -527,6 +558,33 @@ class KexecFS(pyfuse3.Operations):
 # Not a LUO command on a control file (TCGETS from isatty(), ioctls on other files):
 # ENOTTY, as any file would answer, and nothing worth a log line.
 _NOT_OURS = KexecfsError(errno.ENOTTY, "")
+
+
+def _limit_text(value: int | None) -> str:
+    return ("max" if value is None else str(value)) + "\n"
+
+
+def _parse_limit(command: str, caller: Caller, name: str) -> int | None:
+    """A limit as written: "max" for none, or a decimal number below 2**63."""
+    if command == "max":
+        return None
+    if not (command.isascii() and command.isdigit() and len(command) <= 19 and int(command) < 1 << 63):
+        raise fail(errno.EINVAL, f"{name}: {caller} wrote {command[:80]!r}; expected a number or 'max'")
+    return int(command)
+
+
+def _check_opener(h: Handle, caller: Caller) -> None:
+    """A command must come from whoever opened the file, unless root opened it and handed it on.
+
+    The descriptor a command names is taken from the *writer's* process. Without this rule
+    an owner could pass its open ``fd_preserve`` to a set-uid program as its output, and a
+    number that program prints would move the program's own descriptor (an open
+    /etc/shadow, say) into the owner's instance: the kernel's /proc files guard against the
+    same confused deputy by checking the opener's credentials.
+    """
+    if caller.uid != h.opener_uid and h.opener_uid != 0:
+        raise fail(errno.EACCES, f"{caller} wrote through a file opened by uid {h.opener_uid}: commands "
+                                 f"are taken only from the uid that opened the file")
 
 
 def _ioctl_failed(req: int, cmd: int, exc: Exception) -> None:

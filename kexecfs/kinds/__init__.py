@@ -27,6 +27,8 @@ class Kind:
     #: says otherwise.
     fields: ClassVar[dict[str, type]] = {}
     optional_fields: ClassVar[dict[str, type]] = {}
+    #: Whether the image holds the file's contents (and so counts against bytes.max).
+    stores_contents: ClassVar[bool] = False
 
     @staticmethod
     def accepts(st: os.stat_result, fs_type: int) -> bool:
@@ -98,7 +100,7 @@ def describe(fd: int) -> str:
     if fs_type == syscalls.TMPFS_MAGIC:
         return "a memfd" if st.st_nlink == 0 else "a linked tmpfs file"
     where = _FS_NAMES.get(fs_type, f"a filesystem of type {fs_type:#x}")
-    return f"a regular file on {where}"
+    return f"a {'deleted ' if st.st_nlink == 0 else ''}regular file on {where}"
 
 
 def non_persistent(fs_type: int) -> bool:

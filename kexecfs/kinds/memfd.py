@@ -28,6 +28,7 @@ _SEALS = 0x3F
 
 class Memfd(Kind):
     name = "memfd"
+    stores_contents = True
     fields = {"size": int, "pos": int, "flags": int, "seals": int, "name": str, "mode": int, "extents": list}
 
     @staticmethod

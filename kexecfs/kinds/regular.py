@@ -68,10 +68,14 @@ class RegularFile(Kind):
                 fd = os.open(record["path"], flags)
             except OSError as exc:
                 raise fail(exc.errno or errno.EIO, f"cannot reopen {record['path']}: {exc.strerror}") from None
-            # A path can now name another file: only the same inode is the preserved file.
-            if os.fstat(fd).st_ino != record["ino"]:
-                os.close(fd)
-                raise fail(errno.ESTALE, f"{record['path']} is now another file (inode changed)")
+        # The owner controls the path: it can now name another file (a symlink to a root-only
+        # one), and the handle is decoded on whatever filesystem holds the path's nearest
+        # directory. Only the same inode on the same device is the preserved file.
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (record["dev"], record["ino"]):
+            os.close(fd)
+            raise fail(errno.ESTALE, f"{record['path']} is now another file (device {st.st_dev} inode {st.st_ino}, "
+                                     f"preserved {record['dev']} {record['ino']})")
         os.lseek(fd, record["pos"], os.SEEK_SET)
         return fd
 
