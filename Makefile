@@ -48,7 +48,13 @@ test: setup
 test-hard: setup
 	$(PY) -m pytest -q tests
 
-bench: setup
+# The bench extra (matplotlib for the plot, py-spy for profiles) only for make bench.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 
 # A system installation for systemd: a venv in /opt/kexecfs, the command in

@@ -65,32 +65,22 @@ def out(text: str = "") -> None:
 
 # ---------------------------------------------------------------------------- set-up
 
-def ensure_module(module: str, pip_name: str) -> bool:
-    """Import ``module``, installing ``pip_name`` into this venv first if it is missing."""
+def have_matplotlib() -> bool:
     try:
-        importlib.import_module(module)
+        importlib.import_module("matplotlib")
         return True
     except ImportError:
-        pass
-    progress(f"installing {pip_name} into {sys.prefix} (bench-only dependency)")
-    r = subprocess.run([PY, "-m", "pip", "install", "-q", pip_name], capture_output=True, text=True)
-    if r.returncode:
-        progress(f"pip install {pip_name} failed: {r.stderr.strip()[-300:]}")
-        return False
-    importlib.invalidate_caches()
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
+        progress("no plot: matplotlib is not installed (it comes with the bench extra: pip install -e '.[bench]')")
         return False
 
 
-def ensure_pyspy() -> str | None:
+def find_pyspy() -> str | None:
+    """The py-spy of this venv (the bench extra), else one on PATH, else None."""
     exe = Path(PY).parent / "py-spy"
-    if not exe.exists():
-        progress("installing py-spy into the venv (bench-only, for profiles of missed goals)")
-        subprocess.run([PY, "-m", "pip", "install", "-q", "py-spy"], capture_output=True)
-    return str(exe) if exe.exists() else shutil.which("py-spy")
+    found = str(exe) if exe.exists() else shutil.which("py-spy")
+    if not found:
+        progress("py-spy is not installed (the bench extra: pip install -e '.[bench]'): missed goals get no profile")
+    return found
 
 
 def build(bindir: Path) -> dict[str, str]:
@@ -1035,8 +1025,8 @@ def main() -> int:
     }
     progress(f"kexecfs bench: {'quick' if q else 'full'} run, budget {args.budget:.0f} s")
     fd_limit = raise_fd_limit()
-    have_mpl = ensure_module("matplotlib", "matplotlib")
-    pyspy = None if args.no_profile else ensure_pyspy()
+    have_mpl = have_matplotlib()
+    pyspy = None if args.no_profile else find_pyspy()
     work = Path(tempfile.mkdtemp(prefix="kexecfs-bench-", dir="/var/tmp"))
     bins = build(work)
     env = environment()
