@@ -55,7 +55,7 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $@
 
 bench: $(BENCH_STAMP)
-	$(PY) bench/run.py
+	$(PY) -m bench
 
 # A system installation for systemd: a venv in /opt/kexecfs, the command in
 # /usr/local/bin, the units in /etc/systemd/system (see README, "Running it under systemd").
