@@ -16,8 +16,8 @@ Sections (see bench/README.md for what each number means):
 5. scale: many instances of many files.
 
 Progress goes to stderr, tables to stdout, data to bench/results/*.json. Needs root
-(FUSE allow_other, pidfd_getfd) and a C compiler. ``--quick`` shrinks everything for
-a smoke test.
+(FUSE allow_other, pidfd_getfd) and a C compiler. ``--quick`` (or BENCH_QUICK=1) shrinks
+everything for a smoke test and writes to bench/results/tmp/ instead.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ QUICK = Sizes(2, 200, [(1, 64 * MiB), (64, MiB)], 1, 1, [16 * MiB, 64 * MiB], [1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the suite itself")
+    ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "0") not in ("", "0"),
+                    help="tiny sizes: a smoke test of the suite itself (also BENCH_QUICK=1)")
     ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--budget", type=float, default=540, help="seconds; optional points are dropped to fit")
     ap.add_argument("--no-profile", action="store_true", help="do not profile missed goals")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench: run as root (FUSE allow_other and pidfd_getfd need it), e.g. sudo make bench")
-    sizes, results = (QUICK if args.quick else FULL), RESULTS
+    sizes, results = (QUICK, RESULTS / "tmp") if args.quick else (FULL, RESULTS)
     progress(f"kexecfs bench: {'quick' if args.quick else 'full'} run, budget {args.budget:.0f} s")
     fd_limit = raise_fd_limit()
     pyspy = None if args.no_profile else find_pyspy()
