@@ -48,8 +48,14 @@ test: setup
 test-hard: setup
 	$(PY) -m pytest -q tests
 
-bench: setup
-	$(PY) bench/run.py
+# The bench extra (matplotlib for the plot, py-spy for profiles) only for make bench.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench
 
 # A system installation for systemd: a venv in /opt/kexecfs, the command in
 # /usr/local/bin, the units in /etc/systemd/system (see README, "Running it under systemd").

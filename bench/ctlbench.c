@@ -30,13 +30,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kexecfs.h" /* the ioctl numbers and struct liveupdate_fd (built with -I include) */
+
 #define WARMUP 50
 #define MAX_TARGETS 8
-#define GET_STATE 0x8004ba03u
-#define FD_PRESERVE 0x4010ba00u
-#define FD_UNPRESERVE 0x4008ba01u
-
-struct liveupdate_fd { int32_t fd; uint32_t flags; uint64_t token; };
 
 struct target {
     const char *op;
@@ -142,18 +139,18 @@ static long long run(struct target *t, long long *second)
         return t1 - t0;
     } else if (!strcmp(t->op, "ioctl_state")) {
         uint32_t state = 0;
-        if (ioctl(t->fd, GET_STATE, &state) < 0)
+        if (ioctl(t->fd, LIVEUPDATE_IOCTL_GET_STATE, &state) < 0)
             die("ioctl GET_STATE", t->arg[0]);
-        if (state != 1) {
+        if (state != LIVEUPDATE_STATE_NORMAL) {
             fprintf(stderr, "ctlbench: GET_STATE answered %u, not 1 (normal)\n", state);
             exit(1);
         }
     } else if (!strcmp(t->op, "ioctl_preserve")) {
         struct liveupdate_fd arg = { t->memfd, 0, strtoull(t->arg[1], NULL, 10) };
-        if (ioctl(t->fd, FD_PRESERVE, &arg) < 0)
+        if (ioctl(t->fd, LIVEUPDATE_IOCTL_FD_PRESERVE, &arg) < 0)
             die("ioctl FD_PRESERVE", t->arg[0]);
         t1 = now();
-        if (ioctl(t->fd, FD_UNPRESERVE, &arg.token) < 0)
+        if (ioctl(t->fd, LIVEUPDATE_IOCTL_FD_UNPRESERVE, &arg.token) < 0)
             die("ioctl FD_UNPRESERVE", t->arg[0]);
         *second = now() - t1;
         return t1 - t0;

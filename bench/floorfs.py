@@ -21,7 +21,6 @@ import errno
 import os
 import signal
 import stat
-import struct
 import sys
 import time
 from pathlib import Path
@@ -31,16 +30,17 @@ from kexecfs import fusehook  # noqa: E402  (must precede pyfuse3)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
+from kexecfs import abi  # noqa: E402
 from kexecfs.capture import take_descriptor  # noqa: E402
+from kexecfs.machine import State  # noqa: E402
 
 TIMEOUT = 1.0  # kexecfs.fs.operations.DIR_TIMEOUT
-GET_STATE = 0x8004BA03
-FD_PRESERVE = 0x4010BA00
+# GET_STATE's answer, packed once: the floor is always normal.
+NORMAL = abi.STATE.pack(State.NORMAL.number)
 # FLOOR_TAKE=1: fd_preserve and FD_PRESERVE also take the caller's descriptor (pidfd_open +
 # pidfd_getfd, then close it), the least work a preserve has to do: a second floor, for
 # the preserve rows.
 TAKE = bool(os.environ.get("FLOOR_TAKE"))
-LUO_TYPE = 0xBA
 TEXT = {2: b"normal\n", 4: b"state: normal\n", 17: b"normal\n", 18: b""}
 NOW = time.time_ns()
 
@@ -122,10 +122,11 @@ class FloorFS(pyfuse3.Operations):
 
 def ioctl(req, ino, cmd, fh, flags, in_data, out_size, arg, pid, uid, gid):
     """Answer any LUO command at once (GET_STATE: normal); everything else ENOTTY."""
-    if (cmd >> 8) & 0xFF == LUO_TYPE:
-        if TAKE and cmd == FD_PRESERVE:
-            os.close(take_descriptor(pid, struct.unpack_from("=i", in_data)[0]))
-        fusehook.reply_ioctl(req, struct.pack("=I", 1) if cmd == GET_STATE else bytes(out_size))
+    if (cmd >> 8) & 0xFF == abi.LIVEUPDATE_IOCTL_TYPE:
+        if TAKE and cmd == abi.FD_PRESERVE:
+            fd, _flags, _token = abi.LIVEUPDATE_FD.unpack_from(in_data)
+            os.close(take_descriptor(pid, fd))
+        fusehook.reply_ioctl(req, NORMAL if cmd == abi.GET_STATE else bytes(out_size))
     else:
         fusehook.reply_err(req, errno.ENOTTY)
 
