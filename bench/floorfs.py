@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kexecfs import fusehook  # noqa: E402  (must precede pyfuse3)
+from kexecfs.fs import fusehook  # noqa: E402  (must precede pyfuse3)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
 from kexecfs import abi  # noqa: E402
-from kexecfs.capture import take_descriptor  # noqa: E402
-from kexecfs.machine import State  # noqa: E402
+from kexecfs.core.capture import take_descriptor  # noqa: E402
+from kexecfs.core.machine import State  # noqa: E402
 
 TIMEOUT = 1.0  # kexecfs.fs.operations.DIR_TIMEOUT
 # GET_STATE's answer, packed once: the floor is always normal.

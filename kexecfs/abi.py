@@ -48,6 +48,10 @@ LIVEUPDATE_FD = struct.Struct("=iIQ")  # struct liveupdate_fd
 TOKEN = struct.Struct("=Q")
 STATE = struct.Struct("=I")
 STATE_UNDEFINED = 0
+#: The state words of ``state`` files and the numbers GET_STATE reports for them.
+STATE_NUMBERS = {"normal": 1, "prepared": 2, "frozen": 3, "updated": 4}
+#: The events a ``state`` file takes (SPEC section 2); PREPARE..FINISH send the same.
+EVENTS = ("prepare", "cancel", "freeze", "kexec", "finish")
 
 FD_PRESERVE = _ioc(_IOC_WRITE, 0, LIVEUPDATE_FD.size)
 FD_UNPRESERVE = _ioc(_IOC_WRITE, 1, TOKEN.size)

@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from .daemon import DEFAULT_IMAGE_DIR, DEFAULT_MOUNTPOINT
+from . import abi
+from .defaults import DEFAULT_IMAGE_DIR, DEFAULT_MOUNTPOINT
 
 # -o options that are kexecfs's own; mount(8)'s generic ones are dropped, the rest go to FUSE.
 _OWN_OPTIONS = {"image_dir", "admin_group", "debug", "foreground", "log_file", "max_files", "max_bytes",
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     e = sub.add_parser("event", help="send a global event")
-    e.add_argument("event", choices=["prepare", "freeze", "cancel", "kexec", "finish"])
+    e.add_argument("event", choices=abi.EVENTS)
     sub.add_parser("kexec", help="simulated kexec: freeze if prepared, drop everything, recover from the image")
 
     sub.add_parser("instances", help="list instances")
@@ -88,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from .daemon import MountOptions, mount, setup_logging
-    from .machine import Policy
+    from .fs.daemon import MountOptions, mount, setup_logging
+    from .core.machine import Policy
 
     own, fuse = _split_mount_options(args.options)
     debug = args.debug or "debug" in own
@@ -183,7 +184,7 @@ def _shutdown_hook(args: argparse.Namespace) -> int:
 
 
 def _image(args: argparse.Namespace) -> int:
-    from .image import HandoverImage, ImageError
+    from .core.image import HandoverImage, ImageError
 
     try:
         image = HandoverImage.open(args.file)

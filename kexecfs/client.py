@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import abi
-from .syscalls import FUSE_SUPER_MAGIC, statfs_type
+from .core.syscalls import FUSE_SUPER_MAGIC, statfs_type
+from .defaults import DEFAULT_MOUNTPOINT
 
-STATES = {1: "normal", 2: "prepared", 3: "frozen", 4: "updated"}
+STATES = {number: word for word, number in abi.STATE_NUMBERS.items()}
 
 
 class NotKexecfs(OSError):
@@ -152,7 +153,7 @@ class Instance:
 class Kexecfs:
     """A kexecfs mount."""
 
-    def __init__(self, mount: str | os.PathLike[str] = "/run/kexecfs") -> None:
+    def __init__(self, mount: str | os.PathLike[str] = DEFAULT_MOUNTPOINT) -> None:
         self.path = Path(mount)
         _check_mount(self.path)
 

@@ -50,7 +50,7 @@ DAEMON = textwrap.dedent(
     r"""
     import errno, json, os, stat, struct, sys
 
-    import kexecfs.fusehook as fusehook  # before pyfuse3
+    import kexecfs.fs.fusehook as fusehook  # before pyfuse3
     import pyfuse3
     import trio
 
@@ -427,17 +427,17 @@ def test_loading_after_pyfuse3_fails_loudly() -> None:
     result = _in_fresh_interpreter(
         """
         import pyfuse3
-        import kexecfs.fusehook
+        import kexecfs.fs.fusehook
         """
     )
     assert result.returncode != 0
-    assert "ImportError: kexecfs.fusehook must be imported before pyfuse3" in result.stderr
+    assert "ImportError: kexecfs.fs.fusehook must be imported before pyfuse3" in result.stderr
 
 
 def test_api_outside_a_session() -> None:
     result = _in_fresh_interpreter(
         """
-        import kexecfs.fusehook as fusehook
+        import kexecfs.fs.fusehook as fusehook
         import pytest
 
         assert fusehook.hook_active() is False

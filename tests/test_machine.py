@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kexecfs.errors import KexecfsError
-from kexecfs.image import IMAGE_NAME
-from kexecfs.instance import Caller, Instance
-from kexecfs.machine import LiveUpdate, Policy, State
+from kexecfs.core.errors import KexecfsError
+from kexecfs.core.image import IMAGE_NAME
+from kexecfs.core.instance import Caller, Instance
+from kexecfs.core.machine import LiveUpdate, Policy, State
 
 ROOT = Caller(pid=os.getpid(), uid=0, gid=0)
 ALICE = Caller(pid=os.getpid(), uid=1000, gid=1000)
@@ -233,7 +233,7 @@ def test_damaged_image_is_kept_aside(machine: LiveUpdate) -> None:
 def test_a_file_that_cannot_be_restored_fails_alone(machine: LiveUpdate, monkeypatch: pytest.MonkeyPatch) -> None:
     """An OSError restoring one file (no room for a memfd, say) is that file's errno at
     open; the rest of the image is recovered."""
-    from kexecfs.kinds.memfd import Memfd
+    from kexecfs.core.kinds.memfd import Memfd
 
     inst = machine.create_instance("svc", ROOT)
     machine.preserve(inst, ROOT, memfd(b"a"), 1)

@@ -38,7 +38,7 @@ DAEMON = textwrap.dedent(
     r"""
     import errno, itertools, json, os, stat, sys
 
-    import kexecfs.fusehook as fusehook  # before pyfuse3
+    import kexecfs.fs.fusehook as fusehook  # before pyfuse3
     import pyfuse3
     import trio
 
@@ -424,7 +424,7 @@ def test_api_outside_a_session() -> None:
             "-c",
             textwrap.dedent(
                 """
-                import kexecfs.fusehook as fusehook
+                import kexecfs.fs.fusehook as fusehook
                 import pytest
 
                 assert fusehook.passthrough_available() is False

@@ -177,7 +177,7 @@ def test_a_command_is_taken_only_from_the_uid_that_opened_the_file(daemon: Daemo
     """The confused deputy: an owner hands its open fd_preserve to a privileged program
     (a set-uid one's stdout, say). What that program writes must not move the program's
     own descriptors into the owner's instance."""
-    from kexecfs.syscalls import pidfd_getfd
+    from kexecfs.core.syscalls import pidfd_getfd
 
     mnt = daemon.mountpoint
     sh(f"mkdir {mnt}/sec && chown -R {NOBODY}:{NOBODY} {mnt}/sec", check=True)

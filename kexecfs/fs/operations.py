@@ -20,16 +20,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .. import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
+from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
 from .. import abi  # noqa: E402
-from ..capture import take_descriptor  # noqa: E402
-from ..errors import KexecfsError, fail  # noqa: E402
-from ..faults import inject  # noqa: E402
-from ..instance import Caller, Instance, PreservedFile  # noqa: E402
-from ..machine import INO_STRIDE, LiveUpdate, State  # noqa: E402
+from ..core.capture import take_descriptor  # noqa: E402
+from ..core.errors import KexecfsError, fail  # noqa: E402
+from ..core.faults import inject  # noqa: E402
+from ..core.instance import Caller, Instance, PreservedFile  # noqa: E402
+from ..core.machine import INO_STRIDE, LiveUpdate, State  # noqa: E402
 from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
                     NODES, ROOT_INO, Node, Scope)
 

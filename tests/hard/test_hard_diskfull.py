@@ -18,10 +18,10 @@ import pytest
 
 from hardlib import (IMAGE, FaultyDaemon, MiB, Payload, assert_no_temp, fill, instances, listing, needs_fuse,
                      sh_state_event, state, status, verify_restored, write_errno)
-from kexecfs import image as image_module
-from kexecfs.image import HandoverImage
-from kexecfs.instance import Caller
-from kexecfs.machine import LiveUpdate
+from kexecfs.core import image as image_module
+from kexecfs.core.image import HandoverImage
+from kexecfs.core.instance import Caller
+from kexecfs.core.machine import LiveUpdate
 
 ROOT = Caller(pid=os.getpid(), uid=0, gid=0, via="test")
 

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hardlib import IMAGE, FaultyDaemon, MiB, needs_fuse, state, status
-from kexecfs.image import DATA_START, PREAMBLE, TRAILER, TRAILER_MAGIC, HandoverImage, ImageError
-from kexecfs.instance import Caller, Instance
-from kexecfs.machine import LiveUpdate, State
+from kexecfs.core.image import DATA_START, PREAMBLE, TRAILER, TRAILER_MAGIC, HandoverImage, ImageError
+from kexecfs.core.instance import Caller, Instance
+from kexecfs.core.machine import LiveUpdate, State
 
 ROOT = Caller(pid=os.getpid(), uid=0, gid=0, via="test")
 Source = tuple[bytes, dict[tuple[str, int], bytes], Path]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from hardlib import IMAGE, FaultyDaemon, listing, needs_fuse, sh_state_event, sha256_fd, state, write_errno
-from kexecfs.image import HandoverImage
+from kexecfs.core.image import HandoverImage
 
 pytestmark = needs_fuse
 

@@ -67,6 +67,8 @@ except ImportError:  # no wheel for this platform: the same values, slower
     from zlib import crc32
 
 from .faults import inject
+from .instance import check_name
+from .kinds import KINDS
 
 log = logging.getLogger("kexecfs.image")
 
@@ -252,7 +254,7 @@ def fsync_directory(directory: Path) -> None:
 
 
 def writer_info(boot_id: str, kexec_count: int) -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
     return {"boot_id": boot_id, "kexec_count": kexec_count, "hostname": socket.gethostname(),
             "created": time.time(), "version": __version__}
 
@@ -364,7 +366,6 @@ class HandoverImage:
             if isinstance(record[key], int) and not _in_range(key, record[key]):
                 raise ImageError(f"{where}: field {key!r} = {record[key]} out of range")
         if record["type"] == "instance":
-            from .instance import check_name  # (instance imports the kinds, which import this module)
             try:
                 check_name(record["name"])
             except Exception as exc:
@@ -375,7 +376,6 @@ class HandoverImage:
             self._seen |= keys
             self.instances.append(record)
         else:
-            from .kinds import KINDS
             kind = KINDS.get(record["kind"])  # an unknown kind is skipped by the recovery, with a warning
             problem = kind.check_record(record) if kind else None
             if problem:

@@ -21,13 +21,12 @@ from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
-from .fs.operations import KexecFS  # noqa: E402
-from .machine import LiveUpdate, Policy  # noqa: E402
+from .operations import KexecFS  # noqa: E402
+from ..core.machine import LiveUpdate, Policy  # noqa: E402
+from ..defaults import DEFAULT_IMAGE_DIR  # noqa: E402
 
 log = logging.getLogger("kexecfs.daemon")
 
-DEFAULT_MOUNTPOINT = "/run/kexecfs"
-DEFAULT_IMAGE_DIR = "/var/lib/kexecfs"
 
 
 @dataclass

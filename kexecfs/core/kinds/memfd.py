@@ -5,11 +5,13 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..image import HandoverImage, ImageWriter
 from .. import syscalls
 from . import Kind
+
+if TYPE_CHECKING:  # the image calls the kinds, so they may not import it back
+    from ..image import HandoverImage, ImageWriter
 
 _MFD_PREFIX, _MFD_SUFFIX = "/memfd:", " (deleted)"
 

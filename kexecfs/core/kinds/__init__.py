@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import fail
-from ..image import HandoverImage, ImageWriter
 from .. import syscalls
+
+if TYPE_CHECKING:  # the image calls the kinds, so they may not import it back
+    from ..image import HandoverImage, ImageWriter
 
 
 class Kind:

@@ -10,12 +10,14 @@ import errno
 import fcntl
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import fail
-from ..image import HandoverImage, ImageWriter
 from .. import syscalls
 from . import Kind, non_persistent
+
+if TYPE_CHECKING:  # the image calls the kinds, so they may not import it back
+    from ..image import HandoverImage, ImageWriter
 
 # The open flags that describe how the file was open, as opposed to how it was opened.
 _KEPT_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | getattr(os, "O_DIRECT", 0)

@@ -34,10 +34,10 @@ from collections.abc import Callable
 
 if "pyfuse3" in sys.modules:
     raise ImportError(
-        "kexecfs.fusehook must be imported before pyfuse3: pyfuse3 is already loaded, "
+        "kexecfs.fs.fusehook must be imported before pyfuse3: pyfuse3 is already loaded, "
         "so its call to fuse_session_new() is already bound to libfuse and the hook "
         "(ioctl support, request context) would silently do nothing. Import "
-        "kexecfs.fusehook (or the kexecfs module that needs pyfuse3) first."
+        "kexecfs.fs.fusehook (or the kexecfs module that needs pyfuse3) first."
     )
 
 # RTLD_GLOBAL puts the extension's fuse_session_new in the global symbol scope, which
@@ -47,7 +47,7 @@ if "pyfuse3" in sys.modules:
 _old_dlopen_flags = sys.getdlopenflags()
 sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW)
 try:
-    from . import _fusehook  # type: ignore[attr-defined]  # C extension, no stub
+    from .. import _fusehook  # type: ignore[attr-defined]  # C extension, no stub
 finally:
     sys.setdlopenflags(_old_dlopen_flags)
 del _old_dlopen_flags
@@ -85,7 +85,7 @@ def ensure_live() -> None:
             "kexecfs._fusehook did not intercept pyfuse3's fuse_session_new(): ioctls "
             "would fail with ENOSYS and write() would not know its caller. Either "
             "pyfuse3.init() has not been called yet, or pyfuse3 was loaded before "
-            "kexecfs.fusehook (or by a path that bypassed it)."
+            "kexecfs.fs.fusehook (or by a path that bypassed it)."
         )
 
 
@@ -94,7 +94,7 @@ def set_ioctl_handler(callback: IoctlHandler | None) -> None:
 
     With no handler (None), every ioctl is answered ENOTTY. If the handler raises or
     returns something other than None, the error is logged on the
-    ``kexecfs.fusehook`` logger and the request, if still unanswered, gets EIO.
+    ``kexecfs.fs.fusehook`` logger and the request, if still unanswered, gets EIO.
     """
     if inspect.iscoroutinefunction(callback):
         raise TypeError(
@@ -172,7 +172,7 @@ def passthrough_open(fh: int, fd: int) -> None:
     refuses ``fd`` (it must be a regular file, on a file system that is not itself
     stacked, e.g. a memfd), the open is answered as the handler returned it but with
     direct_io forced on, so the daemon's ``read``/``write`` serve it; the reason is
-    logged once (per errno) on the ``kexecfs.fusehook`` logger, and
+    logged once (per errno) on the ``kexecfs.fs.fusehook`` logger, and
     :func:`passthrough_stats` counts a fallback. A registration is consumed by the
     reply to an open returning ``fh``; one left by an open handler that raised after
     registering is consumed by the next open returning the same ``fh``.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import abi
 from .errors import KexecfsError, fail
 from .faults import inject
 from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
@@ -49,17 +50,17 @@ RETIRED_KEPT = 4
 class State(enum.Enum):
     """Global states, with the numbers LIVEUPDATE_IOCTL_GET_STATE reports."""
 
-    NORMAL = "normal", 1
-    PREPARED = "prepared", 2
-    FROZEN = "frozen", 3
-    UPDATED = "updated", 4
+    NORMAL = "normal", abi.STATE_NUMBERS["normal"]
+    PREPARED = "prepared", abi.STATE_NUMBERS["prepared"]
+    FROZEN = "frozen", abi.STATE_NUMBERS["frozen"]
+    UPDATED = "updated", abi.STATE_NUMBERS["updated"]
 
     def __init__(self, word: str, number: int) -> None:
         self.word = word
         self.number = number
 
 
-EVENTS = ("prepare", "cancel", "freeze", "kexec", "finish")
+EVENTS = abi.EVENTS
 
 
 @dataclass(frozen=True)
@@ -424,8 +425,7 @@ class LiveUpdate:
         image = HandoverImage.open(path)
         try:
             self.kexec_count = int(image.writer.get("kexec_count", 0)) + 1
-            for rec in image.instances:
-                check_name(rec["name"])
+            for rec in image.instances:  # (names were checked by the image reader)
                 if rec["ino"] < FIRST_INSTANCE_INO or rec["ino"] % INO_STRIDE:
                     # Inode numbers of instances are the filesystem's: a stray one would alias other files.
                     raise ImageError(f"{path}: instance {rec['name']!r} has inode number {rec['ino']}, not one "
