@@ -32,6 +32,7 @@ from typing import Any
 
 from .. import abi
 from .errors import KexecfsError, fail
+from .capture import take_descriptor
 from .faults import inject
 from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
 from .instance import Caller, Instance, PreservedFile, check_name
@@ -61,6 +62,8 @@ class State(enum.Enum):
 
 
 EVENTS = abi.EVENTS
+#: Events whose work copies or recovers contents: run in a thread while reads go on.
+SLOW_EVENTS = frozenset({"prepare", "freeze", "kexec"})
 
 
 @dataclass(frozen=True)
@@ -181,17 +184,21 @@ class LiveUpdate:
         if self.state not in (State.NORMAL, State.UPDATED):
             raise fail(errno.EBUSY, f"{action}: not allowed while {self.state.word}")
 
-    def check_preserve(self, inst: Instance, caller: Caller) -> None:
-        """May ``caller`` preserve into ``inst`` now? (Checked before taking the descriptor.)"""
+    def preserve(self, inst: Instance, caller: Caller, fd_number: int, token: int | None) -> PreservedFile:
+        """Preserve the caller's descriptor ``fd_number`` under ``token`` (None: the lowest free).
+
+        Synchronous: the caller must still be blocked in its write(2) or ioctl(2) when its
+        descriptor is taken (see :mod:`.capture`). Every check that needs no descriptor
+        comes first, so a refused preserve never touches the caller's process.
+        """
         if inst.removed:
             raise fail(errno.ENODEV, f"instance {inst.name!r} was removed")
         inst.check_owner(caller, "fd_preserve")
         self._check_registrations_open(f"fd_preserve in {inst.name!r}")
-
-    def preserve(self, inst: Instance, caller: Caller, fd: int, token: int | None) -> PreservedFile:
-        """Preserve ``fd`` (already taken from the caller; owned by the machine from now on)."""
+        if token is not None and token in inst.files:
+            raise fail(errno.EEXIST, f"fd_preserve: token {token} is already used in instance {inst.name!r}")
+        fd = take_descriptor(caller.pid, fd_number)
         try:
-            self.check_preserve(inst, caller)
             try:
                 kind = detect(fd)
             except KexecfsError as exc:
@@ -231,11 +238,13 @@ class LiveUpdate:
 
     # ------------------------------------------------------------------ events
 
+    def is_admin(self, caller: Caller) -> bool:
+        gid = self.policy.admin_gid
+        return caller.uid == 0 or (gid is not None and gid in _groups_of(caller))
+
     def check_admin(self, caller: Caller, event: str) -> None:
         gid = self.policy.admin_gid
-        if caller.uid == 0:
-            return
-        if gid is not None and gid in _groups_of(caller):
+        if self.is_admin(caller):
             return
         raise fail(errno.EPERM, f"{event}: global events are for root"
                                 + (f" and group {gid}" if gid is not None else "")
@@ -283,6 +292,24 @@ class LiveUpdate:
             log.info("%s by %s: %s -> %s in %.3f s", event, caller, before.word, self.state.word,
                      time.monotonic() - started)
         return work
+
+    def request(self, event: str, caller: Caller, inst: Instance | None = None) -> Callable[[], None]:
+        """The one door for events, written to a ``state`` file or sent as an ioctl alike.
+
+        Through an instance's files (``db/state``, ``db/control``) "finish" ends that
+        instance's update only, for root as for the owner, as LUO's SESSION_FINISH ends one
+        session; any other event there is root's (or the admin group's) to send to the
+        whole machine, and EINVAL for an owner (SPEC section 3). Through the top-level
+        files every event is global. Checks happen now; the returned work does the event
+        (:data:`SLOW_EVENTS` should run in a thread).
+        """
+        if inst is not None and event == "finish":
+            self.finish_instance(inst, caller)
+            return lambda: None
+        if inst is not None and not self.is_admin(caller):
+            inst.check_owner(caller, event[:80])
+            raise fail(errno.EINVAL, f"{caller}: an instance's owner may only send 'finish', not {event[:80]!r}")
+        return self.begin(event, caller)
 
     def finish_instance(self, inst: Instance, caller: Caller) -> None:
         """The owner's "finish": end this instance's update; the last one ends the machine's."""

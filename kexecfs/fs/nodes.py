@@ -38,10 +38,10 @@ ROOT_INO = 1
 FDS_OFFSET = 5
 
 NODES: tuple[Node, ...] = (
-    Node("state", Scope.GLOBAL, 2, stat.S_IFREG | 0o644, show="global_state", store="global_event", pollable=True),
+    Node("state", Scope.GLOBAL, 2, stat.S_IFREG | 0o644, show="global_state", store="event", pollable=True),
     Node("control", Scope.GLOBAL, 3, stat.S_IFREG | 0o644, control=True),
     Node("status", Scope.GLOBAL, 4, stat.S_IFREG | 0o444, show="status"),
-    Node("state", Scope.INSTANCE, 1, stat.S_IFREG | 0o644, show="instance_state", store="instance_event",
+    Node("state", Scope.INSTANCE, 1, stat.S_IFREG | 0o644, show="instance_state", store="event",
          pollable=True),
     Node("fd_preserve", Scope.INSTANCE, 2, stat.S_IFREG | 0o644, show="preserved", store="preserve"),
     Node("fd_unpreserve", Scope.INSTANCE, 3, stat.S_IFREG | 0o200, store="unpreserve"),

@@ -25,11 +25,10 @@ import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
 from .. import abi  # noqa: E402
-from ..core.capture import take_descriptor  # noqa: E402
 from ..core.errors import KexecfsError, fail  # noqa: E402
 from ..core.faults import inject  # noqa: E402
 from ..core.instance import Caller, Instance, PreservedFile  # noqa: E402
-from ..core.machine import INO_STRIDE, LiveUpdate, State  # noqa: E402
+from ..core.machine import INO_STRIDE, SLOW_EVENTS, LiveUpdate, State  # noqa: E402
 from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
                     NODES, ROOT_INO, Node, Scope)
 
@@ -117,16 +116,16 @@ class KexecFS(pyfuse3.Operations):
             raise fail(errno.ENODEV, "the instance of this open file was removed")
         return inst
 
-    async def run_event(self, event: str, caller: Caller) -> None:
-        """Drive the global machine; slow work runs in a thread while reads go on."""
-        work = self.machine.begin(event, caller)
-        if event == "kexec":
-            await trio.to_thread.run_sync(work)
-            await self._reboot()
-        elif event in ("prepare", "freeze"):
-            await trio.to_thread.run_sync(work)
-        else:
+    async def run_event(self, event: str, caller: Caller, inst: Instance | None = None) -> None:
+        """An event through any door (see :meth:`LiveUpdate.request`); slow work runs in a
+        thread while reads go on."""
+        work = self.machine.request(event, caller, inst)
+        if event not in SLOW_EVENTS:
             work()
+            return
+        await trio.to_thread.run_sync(work)
+        if event == "kexec":
+            await self._reboot()
 
     async def _reboot(self) -> None:
         """The second half of a simulated kexec: a fresh machine recovered from the image alone,
@@ -448,16 +447,8 @@ class KexecFS(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ stores (writes)
 
-    async def store_global_event(self, inst: None, caller: Caller, command: str) -> None:
-        await self.run_event(command, caller)
-
-    async def store_instance_event(self, inst: Instance, caller: Caller, command: str) -> None:
-        if command == "finish":
-            self.machine.finish_instance(inst, caller)
-        elif caller.uid == 0:
-            await self.run_event(command, caller)
-        else:
-            raise fail(errno.EINVAL, f"{caller}: an instance's owner may only write 'finish', not {command[:80]!r}")
+    async def store_event(self, inst: Instance | None, caller: Caller, command: str) -> None:
+        await self.run_event(command, caller, inst)
 
     async def store_preserve(self, inst: Instance, caller: Caller, command: str) -> None:
         words = command.split()
@@ -465,7 +456,7 @@ class KexecFS(pyfuse3.Operations):
         if len(words) > 2 or not all(w.lstrip("-").isascii() and w.lstrip("-").isdigit() and len(w) <= 20
                                      for w in words):
             raise fail(errno.EINVAL, f"fd_preserve: {caller} wrote {command[:80]!r}; expected 'FD [TOKEN]'")
-        self.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
+        self.machine.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
 
     async def store_max_files(self, inst: Instance, caller: Caller, command: str) -> None:
         self.machine.set_limit(inst, caller, "files", _parse_limit(command, caller, "files.max"))
@@ -477,14 +468,6 @@ class KexecFS(pyfuse3.Operations):
         if not (command.isascii() and command.isdigit() and len(command) <= 20):
             raise fail(errno.EINVAL, f"fd_unpreserve: {caller} wrote {command[:80]!r}; expected a token")
         self.machine.unpreserve(inst, caller, int(command))
-
-    def preserve(self, inst: Instance, caller: Caller, fd: int, token: int | None) -> PreservedFile:
-        """Take ``fd`` from the calling process and preserve it; synchronous, as the caller
-        must still be blocked in its write(2)/ioctl(2) when its descriptor is taken."""
-        self.machine.check_preserve(inst, caller)
-        if token is not None and token in inst.files:
-            raise fail(errno.EEXIST, f"fd_preserve: token {token} is already used in instance {inst.name!r}")
-        return self.machine.preserve(inst, caller, take_descriptor(caller.pid, fd), token)
 
     # ------------------------------------------------------------------ ioctl
 
@@ -519,10 +502,7 @@ class KexecFS(pyfuse3.Operations):
 
     async def _ioctl_event(self, req: int, inst: Instance | None, caller: Caller, command: abi.Command) -> None:
         try:
-            if inst is not None and command.event == "finish" and caller.uid != 0:
-                self.machine.finish_instance(inst, caller)
-            else:
-                await self.run_event(command.event, caller)
+            await self.run_event(command.event, caller, inst)
         except Exception as exc:
             _ioctl_failed(req, command.number, exc)
         else:
@@ -535,7 +515,7 @@ class KexecFS(pyfuse3.Operations):
         fd, flags, token = abi.LIVEUPDATE_FD.unpack(data)
         if flags:
             raise fail(errno.EINVAL, f"{caller}: struct liveupdate_fd.flags must be 0, not {flags:#x}")
-        self.preserve(self._ioctl_instance(inst, caller), caller, fd, token)
+        self.machine.preserve(self._ioctl_instance(inst, caller), caller, fd, token)
         return b""
 
     def ioctl_fd_unpreserve(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:

@@ -81,7 +81,8 @@ def instance_ops(role: Role, mnt: Path, binds: Path) -> list[tuple[list[Any], st
         op("finish while normal", "EINVAL" if m else deny, "write", f"{base}/state", "finish")
         op("chmod", "ok" if m else "EPERM", "chmod", base, 0o755)
         if role.uid:
-            op("PREPARE", "EPERM" if m else deny, "ioctl_prepare", f"{base}/control")
+            # One door for events: an owner may only send finish through its instance (SPEC 3).
+            op("PREPARE", "EINVAL" if m else deny, "ioctl_prepare", f"{base}/control")
             op("event in instance state", "EINVAL" if m else deny, "write", f"{base}/state", "prepare")
         if not role.userns:  # uids of other instances are not mapped into the user namespace
             op("chown to its owner", "ok" if role.uid == 0 else "EPERM", "chown", base, INSTANCES[inst],
