@@ -65,23 +65,22 @@ FINISH = _ioc(_IOC_NONE, 7, 0)
 
 @dataclass(frozen=True)
 class Command:
-    """A row of the ioctl table: what the number is and which handler serves it."""
+    """A row of the ioctl table: what the number is (kexecfs.fs.control says what it does)."""
 
     name: str
     number: int
-    handler: str  # the filesystem's method ``ioctl_<handler>``, for commands answered at once
     event: str = ""  # for the state-machine commands: the event they send (answered from a task)
 
 
 COMMANDS: dict[int, Command] = {c.number: c for c in (
-    Command("LIVEUPDATE_IOCTL_FD_PRESERVE", FD_PRESERVE, "fd_preserve"),
-    Command("LIVEUPDATE_IOCTL_FD_UNPRESERVE", FD_UNPRESERVE, "fd_unpreserve"),
-    Command("LIVEUPDATE_IOCTL_FD_RESTORE", FD_RESTORE, "fd_restore"),
-    Command("LIVEUPDATE_IOCTL_GET_STATE", GET_STATE, "get_state"),
-    Command("LIVEUPDATE_IOCTL_PREPARE", PREPARE, "", "prepare"),
-    Command("LIVEUPDATE_IOCTL_FREEZE", FREEZE, "", "freeze"),
-    Command("LIVEUPDATE_IOCTL_CANCEL", CANCEL, "", "cancel"),
-    Command("LIVEUPDATE_IOCTL_FINISH", FINISH, "", "finish"),
+    Command("LIVEUPDATE_IOCTL_FD_PRESERVE", FD_PRESERVE),
+    Command("LIVEUPDATE_IOCTL_FD_UNPRESERVE", FD_UNPRESERVE),
+    Command("LIVEUPDATE_IOCTL_FD_RESTORE", FD_RESTORE),
+    Command("LIVEUPDATE_IOCTL_GET_STATE", GET_STATE),
+    Command("LIVEUPDATE_IOCTL_PREPARE", PREPARE, "prepare"),
+    Command("LIVEUPDATE_IOCTL_FREEZE", FREEZE, "freeze"),
+    Command("LIVEUPDATE_IOCTL_CANCEL", CANCEL, "cancel"),
+    Command("LIVEUPDATE_IOCTL_FINISH", FINISH, "finish"),
 )}
 
 assert (FD_PRESERVE, FD_UNPRESERVE, FD_RESTORE, GET_STATE) == (0x4010BA00, 0x4008BA01, 0xC010BA02, 0x8004BA03)

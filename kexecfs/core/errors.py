@@ -26,3 +26,14 @@ def fail(errno: int, message: str) -> KexecfsError:
     """Build a KexecfsError; ``raise fail(EBUSY, "...")`` reads like the kernel's ``return -EBUSY``."""
     return KexecfsError(errno, message)
 
+
+
+def refusal(exc: BaseException) -> KexecfsError | None:
+    """The answer a caller gets for ``exc``: a KexecfsError as it is; an OSError from a
+    syscall made on the caller's behalf (a write into a sealed memfd, say) with its errno
+    and text; None for anything else, which is a bug (the caller then gets EIO)."""
+    if isinstance(exc, KexecfsError):
+        return exc
+    if isinstance(exc, OSError):
+        return KexecfsError(exc.errno or _errno.EIO, str(exc))
+    return None

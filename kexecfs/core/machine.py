@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import abi
-from .errors import KexecfsError, fail
+from .errors import KexecfsError, fail, refusal
 from .capture import take_descriptor
 from .faults import inject
 from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
@@ -274,17 +274,16 @@ class LiveUpdate:
             started = time.monotonic()
             try:
                 body()
-            except KexecfsError as exc:
-                self.last_error = f"{event}: {exc.message}"
-                log.error("%s by %s failed: %s", event, caller, exc)
-                raise
-            except OSError as exc:
-                self.last_error = f"{event}: {exc}"
-                log.error("%s by %s failed: %s", event, caller, exc)
-                raise KexecfsError(exc.errno or errno.EIO, self.last_error) from exc
-            except Exception as exc:  # a bug: the FUSE layer logs the traceback; status says it too
-                self.last_error = f"{event}: unexpected {type(exc).__name__}: {exc}"
-                raise
+            except Exception as exc:
+                answer = refusal(exc)
+                if answer is None:  # a bug: the FUSE layer logs the traceback; status says it too
+                    self.last_error = f"{event}: unexpected {type(exc).__name__}: {exc}"
+                    raise
+                self.last_error = f"{event}: {answer.message}"
+                log.error("%s by %s failed: %s", event, caller, answer)
+                if isinstance(exc, KexecfsError):
+                    raise
+                raise KexecfsError(answer.errno, self.last_error) from exc
             finally:
                 self.busy = None
                 self.progress = ""
@@ -546,10 +545,10 @@ class _about:
         return None
 
     def __exit__(self, typ: type | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, KexecfsError):
-            raise KexecfsError(exc.errno, f"{self.where}: {exc.message}{self.remedy}") from None
-        if isinstance(exc, OSError):
-            raise KexecfsError(exc.errno or errno.EIO, f"{self.where}: {exc.strerror or exc}{self.remedy}") from None
+        answer = refusal(exc) if exc is not None else None
+        if answer is not None:
+            text = answer.message if isinstance(exc, KexecfsError) else (exc.strerror or str(exc))  # type: ignore[union-attr]
+            raise KexecfsError(answer.errno, f"{self.where}: {text}{self.remedy}") from None
         return False
 
 

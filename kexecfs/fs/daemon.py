@@ -5,6 +5,7 @@ serve until unmounted or told to stop, and tell systemd when it is ready.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import logging.handlers
 import os
@@ -21,7 +22,8 @@ from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
-from .operations import KexecFS  # noqa: E402
+from . import control  # noqa: E402
+from .operations import KexecfsOperations  # noqa: E402
 from ..core.machine import LiveUpdate, Policy  # noqa: E402
 from ..defaults import DEFAULT_IMAGE_DIR  # noqa: E402
 
@@ -99,14 +101,14 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
     raise_descriptor_limit()
     clear_dead_mount(opts.mountpoint)
     machine = LiveUpdate.boot(opts.image_dir, policy=opts.policy)
-    fs = KexecFS(machine, passthrough=opts.passthrough)
+    fs = KexecfsOperations(machine, passthrough=opts.passthrough)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
     fuse_options |= {"fsname=kexecfs", "subtype=kexecfs", "allow_other", *opts.fuse_options}
     if opts.debug:
         fuse_options.add("debug")
     pyfuse3.init(fs, str(opts.mountpoint), fuse_options)
     fusehook.ensure_live()
-    fusehook.set_ioctl_handler(fs.ioctl)
+    fusehook.set_ioctl_handler(functools.partial(control.dispatch, fs))
     log.info("kexecfs mounted on %s (image dir %s, state %s, boot id %s)", opts.mountpoint, opts.image_dir,
              machine.state.word, machine.boot_id)
     try:
@@ -117,7 +119,7 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
         log.info("kexecfs on %s stopped", opts.mountpoint)
 
 
-async def _main_loop(fs: KexecFS, ready: Callable[[], None]) -> None:
+async def _main_loop(fs: KexecfsOperations, ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         fs.nursery = nursery
         nursery.start_soon(_stop_on_signal, nursery)

@@ -1,9 +1,11 @@
 """The FUSE skin: maps inodes and requests onto the core, and errors back onto errno.
 
 Every handler is a few lines: resolve the inode or handle, call the core
-(:class:`~kexecfs.machine.LiveUpdate`), render text. Core errors
-(:class:`~kexecfs.errors.KexecfsError`) become their errno plus one log line; anything
-unexpected becomes EIO plus a traceback, and the daemon keeps serving.
+(:class:`~kexecfs.core.machine.LiveUpdate`), render text. The text files' show and store
+functions are in :mod:`.textfiles` (held by the node table), the ioctls in :mod:`.control`,
+restored files in :mod:`.restored`. Refusals (:func:`~kexecfs.core.errors.refusal`)
+become their errno plus one log line; anything unexpected becomes EIO plus a traceback,
+and the daemon keeps serving.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
-from .. import abi  # noqa: E402
-from ..core.errors import KexecfsError, fail  # noqa: E402
-from ..core.faults import inject  # noqa: E402
+from ..core.errors import fail, refusal  # noqa: E402
 from ..core.instance import Caller, Instance, PreservedFile  # noqa: E402
 from ..core.machine import INO_STRIDE, SLOW_EVENTS, LiveUpdate, State  # noqa: E402
+from . import restored  # noqa: E402
 from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
                     NODES, ROOT_INO, Node, Scope)
 
@@ -51,17 +52,13 @@ def handler(fn: F) -> F:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except KexecfsError as exc:
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            # A syscall on a caller's behalf (a write into a sealed restored memfd, say):
-            # its errno is the caller's answer.
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s: unexpected error; answering EIO", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            answer = refusal(exc)
+            if answer is None:
+                log.exception("%s: unexpected error; answering EIO", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            log.warning("%s: %s", fn.__name__, answer)
+            raise pyfuse3.FUSEError(answer.errno) from None
     return wrapped  # type: ignore[return-value]
 
 
@@ -76,8 +73,21 @@ class Handle:
     restored_fd: int = -1  # fds/<token>: the daemon's own descriptor of the restored file, as granted
     opener_uid: int = 0  # who opened it: a command written through it must come from that uid (or root's open)
 
+    def check_opener(self, caller: Caller) -> None:
+        """A command must come from whoever opened the file, unless root opened it and handed it on.
 
-class KexecFS(pyfuse3.Operations):
+        The descriptor a command names is taken from the *writer's* process. Without this
+        rule an owner could pass its open ``fd_preserve`` to a set-uid program as its
+        output, and a number that program prints would move the program's own descriptor
+        (an open /etc/shadow, say) into the owner's instance: the kernel's /proc files
+        guard against the same confused deputy by checking the opener's credentials.
+        """
+        if caller.uid != self.opener_uid and self.opener_uid != 0:
+            raise fail(errno.EACCES, f"{caller} wrote through a file opened by uid {self.opener_uid}: commands "
+                                     f"are taken only from the uid that opened the file")
+
+
+class KexecfsOperations(pyfuse3.Operations):
     """pyfuse3 operations for one kexecfs mount."""
 
     supports_dot_lookup = True
@@ -91,7 +101,7 @@ class KexecFS(pyfuse3.Operations):
         self.state_version = 0
         self.mounted_ns = time.time_ns()
         self._pollers: list[pyfuse3.PollHandle] = []
-        self._handles: dict[int, Handle] = {}
+        self.handles: dict[int, Handle] = {}  # by fh; the ioctl dispatch finds its file here
         self._next_fh = itertools.count(1)
         self._token_inos: dict[tuple[int, int], int] = {}
         self._token_keys: dict[int, tuple[int, int]] = {}
@@ -110,7 +120,7 @@ class KexecFS(pyfuse3.Operations):
         for ph in pollers:
             ph.notify()
 
-    def _live_instance(self, h: Handle) -> Instance:
+    def live_instance(self, h: Handle) -> Instance:
         inst = self.machine.by_ino.get(h.instance_ino)
         if inst is None:
             raise fail(errno.ENODEV, "the instance of this open file was removed")
@@ -327,31 +337,18 @@ class KexecFS(pyfuse3.Operations):
         if pf is not None:
             assert inst is not None
             caller = Caller(ctx.pid, ctx.uid, ctx.gid, f"open {inst.name}/fds/{pf.token}")
-            # The handle keeps a descriptor of its own, with only the access granted: the
-            # file stays valid after finish, and proxied I/O cannot exceed the grant.
-            h.restored_fd = self.machine.restore(inst, caller, pf.token, flags).reopen(flags)
-            if flags & os.O_TRUNC:
-                try:
-                    os.ftruncate(h.restored_fd, 0)  # atomic_o_trunc: the kernel leaves it to us
-                except OSError:
-                    os.close(h.restored_fd)
-                    raise
+            h.restored_fd = restored.open_restored(self.machine, inst, pf, caller, flags)
         fh = next(self._next_fh)
-        self._handles[fh] = h
-        if h.restored_fd >= 0 and self.passthrough and not pf.appends:  # type: ignore[union-attr]
-            # The kernel serves reads, writes and mmap from the restored file itself, opened
-            # with this open's flags; the proxy methods below answer only if the extension
-            # has to fall back. Never for an O_APPEND file: the kernel's passthrough writes
-            # follow the FUSE file's flags, which F_SETFL can change, so the daemon appends
-            # each write itself through its O_APPEND descriptor.
-            fusehook.passthrough_open(fh, h.restored_fd)
+        self.handles[fh] = h
+        if pf is not None:
+            restored.serve(fh, h.restored_fd, pf, self.passthrough)
         # direct_io: pseudo files have no size the page cache could trust, and a proxied
         # restored file must not be cached apart from the memfd it stands for.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     def _handle(self, fh: int) -> Handle:
         try:
-            return self._handles[fh]
+            return self.handles[fh]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
@@ -364,8 +361,8 @@ class KexecFS(pyfuse3.Operations):
         if h.node.show is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if off == 0:
-            inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
-            h.text = getattr(self, f"show_{h.node.show}")(inst).encode()
+            inst = self.live_instance(h) if h.node.scope is Scope.INSTANCE else None
+            h.text = h.node.show(self, inst).encode()
             h.seen = self.state_version
         return h.text[off:off + size]
 
@@ -377,24 +374,24 @@ class KexecFS(pyfuse3.Operations):
             # Its descriptor has the granted flags: on an O_APPEND one, pwrite appends.
             return os.pwrite(h.restored_fd, buf, off)
         assert h.node is not None
-        inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
+        inst = self.live_instance(h) if h.node.scope is Scope.INSTANCE else None
         via = f"{inst.name}/{h.node.name}" if inst else h.node.name
         caller = Caller(pid, uid, gid, via)
         if h.node.store is None:
             raise fail(errno.EINVAL, f"{via} is read-only; {caller} wrote to it")
-        _check_opener(h, caller)
+        h.check_opener(caller)
         try:
             command = buf.decode("ascii").strip()
         except UnicodeDecodeError:
             raise fail(errno.EINVAL, f"{via}: {caller} wrote bytes that are not ASCII text") from None
         if not command or "\n" in command:
             raise fail(errno.EINVAL, f"{via}: {caller} wrote {len(buf)} bytes that are not one command")
-        await getattr(self, f"store_{h.node.store}")(inst, caller, command)
+        await h.node.store(self, inst, caller, command)
         return len(buf)
 
     @handler
     async def release(self, fh: int) -> None:
-        h = self._handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
         if h is not None and h.restored_fd >= 0:
             os.close(h.restored_fd)
 
@@ -422,164 +419,6 @@ class KexecFS(pyfuse3.Operations):
             return str(value).encode()
         raise pyfuse3.FUSEError(errno.ENODATA)
 
-    # ------------------------------------------------------------------ shows (reads)
-
-    def show_global_state(self, inst: None) -> str:
-        return self.machine.state.word + "\n"
-
-    def show_instance_state(self, inst: Instance) -> str:
-        return self.machine.instance_state(inst).word + "\n"
-
-    def show_status(self, inst: None) -> str:
-        inject("show_status")
-        status = self.machine.status()
-        status["restore"] = "passthrough" if self.passthrough and fusehook.passthrough_available() else "proxy"
-        return "".join(f"{k}: {v}\n" for k, v in status.items())
-
-    def show_preserved(self, inst: Instance) -> str:
-        return inst.listing()
-
-    def show_max_files(self, inst: Instance) -> str:
-        return _limit_text(inst.max_files)
-
-    def show_max_bytes(self, inst: Instance) -> str:
-        return _limit_text(inst.max_bytes)
-
-    # ------------------------------------------------------------------ stores (writes)
-
-    async def store_event(self, inst: Instance | None, caller: Caller, command: str) -> None:
-        await self.run_event(command, caller, inst)
-
-    async def store_preserve(self, inst: Instance, caller: Caller, command: str) -> None:
-        words = command.split()
-        # At most 20 digits (a u64): int() of a megabyte of digits raises, and takes long.
-        if len(words) > 2 or not all(w.lstrip("-").isascii() and w.lstrip("-").isdigit() and len(w) <= 20
-                                     for w in words):
-            raise fail(errno.EINVAL, f"fd_preserve: {caller} wrote {command[:80]!r}; expected 'FD [TOKEN]'")
-        self.machine.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
-
-    async def store_max_files(self, inst: Instance, caller: Caller, command: str) -> None:
-        self.machine.set_limit(inst, caller, "files", _parse_limit(command, caller, "files.max"))
-
-    async def store_max_bytes(self, inst: Instance, caller: Caller, command: str) -> None:
-        self.machine.set_limit(inst, caller, "bytes", _parse_limit(command, caller, "bytes.max"))
-
-    async def store_unpreserve(self, inst: Instance, caller: Caller, command: str) -> None:
-        if not (command.isascii() and command.isdigit() and len(command) <= 20):
-            raise fail(errno.EINVAL, f"fd_unpreserve: {caller} wrote {command[:80]!r}; expected a token")
-        self.machine.unpreserve(inst, caller, int(command))
-
-    # ------------------------------------------------------------------ ioctl
-
-    def ioctl(self, req: int, ino: int, cmd: int, fh: int, flags: int, in_data: bytes, out_size: int,
-              arg: int, pid: int, uid: int, gid: int) -> None:
-        """The C hook's callback, in the trio thread. Commands that look or register are
-        answered right here (a task per request would cost more than their work); events
-        of the state machine can take long, so a task answers them."""
-        try:
-            command, inst, caller = self._ioctl_target(cmd, fh, flags, Caller(pid, uid, gid))
-            if command.event:
-                assert self.nursery is not None
-                self.nursery.start_soon(self._ioctl_event, req, inst, caller, command)
-                return
-            out = getattr(self, f"ioctl_{command.handler}")(inst, caller, in_data)
-        except Exception as exc:
-            _ioctl_failed(req, cmd, exc)
-        else:
-            fusehook.reply_ioctl(req, out)
-
-    def _ioctl_target(self, cmd: int, fh: int, flags: int,
-                      caller: Caller) -> tuple[abi.Command, Instance | None, Caller]:
-        command = abi.COMMANDS.get(cmd)
-        h = self._handles.get(fh) if not flags & fusehook.FUSE_IOCTL_DIR else None
-        if command is None or h is None or h.node is None or not h.node.control:
-            raise _NOT_OURS
-        inst = self._live_instance(h) if h.node.scope is Scope.INSTANCE else None
-        via = f"{inst.name + '/' if inst else ''}control {command.name}"
-        caller = Caller(caller.pid, caller.uid, caller.gid, via)
-        _check_opener(h, caller)
-        return command, inst, caller
-
-    async def _ioctl_event(self, req: int, inst: Instance | None, caller: Caller, command: abi.Command) -> None:
-        try:
-            await self.run_event(command.event, caller, inst)
-        except Exception as exc:
-            _ioctl_failed(req, command.number, exc)
-        else:
-            fusehook.reply_ioctl(req, b"")
-
-    def _ioctl_instance(self, inst: Instance | None, caller: Caller) -> Instance:
-        return inst if inst is not None else self.machine.default_instance(caller)
-
-    def ioctl_fd_preserve(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
-        fd, flags, token = abi.LIVEUPDATE_FD.unpack(data)
-        if flags:
-            raise fail(errno.EINVAL, f"{caller}: struct liveupdate_fd.flags must be 0, not {flags:#x}")
-        self.machine.preserve(self._ioctl_instance(inst, caller), caller, fd, token)
-        return b""
-
-    def ioctl_fd_unpreserve(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
-        (token,) = abi.TOKEN.unpack(data)
-        self.machine.unpreserve(self._ioctl_instance(inst, caller), caller, token)
-        return b""
-
-    def ioctl_fd_restore(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
-        _fd, _flags, token = abi.LIVEUPDATE_FD.unpack(data)
-        target = self._ioctl_instance(inst, caller)
-        self.machine.restore(target, caller, token)  # EACCES, ENOENT, EBUSY as /dev/liveupdate would
-        raise fail(errno.EOPNOTSUPP, f"{caller}: FD_RESTORE cannot install a descriptor from a FUSE server; "
-                                     f"open {target.name}/fds/{token} instead (kexecfs.client does)")
-
-    def ioctl_get_state(self, inst: Instance | None, caller: Caller, data: bytes) -> bytes:
-        state = self.machine.instance_state(inst) if inst else self.machine.state
-        return abi.STATE.pack(state.number)
-
-
-# Not a LUO command on a control file (TCGETS from isatty(), ioctls on other files):
-# ENOTTY, as any file would answer, and nothing worth a log line.
-_NOT_OURS = KexecfsError(errno.ENOTTY, "")
-
-
-def _limit_text(value: int | None) -> str:
-    return ("max" if value is None else str(value)) + "\n"
-
-
-def _parse_limit(command: str, caller: Caller, name: str) -> int | None:
-    """A limit as written: "max" for none, or a decimal number below 2**63."""
-    if command == "max":
-        return None
-    if not (command.isascii() and command.isdigit() and len(command) <= 19 and int(command) < 1 << 63):
-        raise fail(errno.EINVAL, f"{name}: {caller} wrote {command[:80]!r}; expected a number or 'max'")
-    return int(command)
-
-
-def _check_opener(h: Handle, caller: Caller) -> None:
-    """A command must come from whoever opened the file, unless root opened it and handed it on.
-
-    The descriptor a command names is taken from the *writer's* process. Without this rule
-    an owner could pass its open ``fd_preserve`` to a set-uid program as its output, and a
-    number that program prints would move the program's own descriptor (an open
-    /etc/shadow, say) into the owner's instance: the kernel's /proc files guard against the
-    same confused deputy by checking the opener's credentials.
-    """
-    if caller.uid != h.opener_uid and h.opener_uid != 0:
-        raise fail(errno.EACCES, f"{caller} wrote through a file opened by uid {h.opener_uid}: commands "
-                                 f"are taken only from the uid that opened the file")
-
-
-def _ioctl_failed(req: int, cmd: int, exc: Exception) -> None:
-    """Answer a failed ioctl as ``handler`` answers other requests: errno, one log line."""
-    if isinstance(exc, KexecfsError):
-        if exc.message:
-            log.warning("ioctl: %s", exc)
-        fusehook.reply_err(req, exc.errno)
-    elif isinstance(exc, OSError):
-        log.warning("ioctl %#x: %s", cmd, exc)
-        fusehook.reply_err(req, exc.errno or errno.EIO)
-    else:
-        log.error("ioctl %#x: unexpected error; answering EIO", cmd, exc_info=exc)
-        fusehook.reply_err(req, errno.EIO)
-
 
 def _forget_entry(name: str) -> None:
     """Drop the kernel's cached dentry of a vanished instance (in a thread: the kernel
@@ -590,4 +429,4 @@ def _forget_entry(name: str) -> None:
         pass  # not cached: nothing to forget
 
 
-__all__ = ["KexecFS", "NODES", "State"]
+__all__ = ["KexecfsOperations", "NODES", "State"]
