@@ -28,7 +28,8 @@
  * with the GIL held, so all ops run there, one request at a time; the shared
  * state below is only touched with the GIL held.  The hook is a property of
  * the process (symbol interposition), so this module keeps its state in
- * globals and uses single-phase initialisation.
+ * static structs, one per concern (hook, ioctls, pt), rather than in module
+ * state, and uses single-phase initialisation.
  */
 
 /* Python.h comes first (as the C API requires) and defines _GNU_SOURCE, which
@@ -74,34 +75,41 @@ struct libfuse_version;
 /* Shared state                                                             */
 /* ------------------------------------------------------------------------ */
 
-/* The ops table the hooked session was created with, as pyfuse3 filled it:
- * the wrappers below dispatch to these original function pointers. */
-static struct fuse_lowlevel_ops orig_ops;
-static int hook_live;
-
-static struct {
-    pid_t pid;
-    uid_t uid;
-    gid_t gid;
-    int valid;
-} last_ctx;
-
-static PyObject *ioctl_handler;     /* callable or NULL */
-/* Outstanding ioctl requests: {fuse_req_t as int: out_size}.  A fuse_req_t is
- * freed by the reply, so answering twice (or a made-up handle) would be a
- * use-after-free in libfuse; checking this dict turns it into ValueError. */
-static PyObject *outstanding;
-static PyObject *logger;            /* logging.getLogger("kexecfs.fusehook") */
-
 typedef struct fuse_session *(*session_new_fn)(
     struct fuse_args *, const struct fuse_lowlevel_ops *, size_t, void *);
 typedef struct fuse_session *(*session_new_versioned_fn)(
     struct fuse_args *, const struct fuse_lowlevel_ops *, size_t,
     const struct libfuse_version *, void *);
 
-/* libfuse's own functions, resolved at import (see PyInit__fusehook). */
-static session_new_fn real_session_new;
-static session_new_versioned_fn real_session_new_versioned;
+/* The hooked session: one per process (see "How" above). */
+static struct hook_state {
+    /* libfuse's own functions, resolved at import (see PyInit__fusehook). */
+    session_new_fn real_session_new;
+    session_new_versioned_fn real_session_new_versioned;
+    /* The ops table the hooked session was created with, as pyfuse3 filled
+     * it: the wrappers below dispatch to these original function pointers. */
+    struct fuse_lowlevel_ops orig_ops;
+    int live;
+    /* fuse_req_ctx() of the last request a context wrapper saw. */
+    struct {
+        pid_t pid;
+        uid_t uid;
+        gid_t gid;
+        int valid;
+    } last_ctx;
+} hook;
+
+/* FUSE_IOCTL requests and the Python handler they go to. */
+static struct ioctl_state {
+    PyObject *handler;          /* callable or NULL */
+    /* Outstanding ioctl requests: {fuse_req_t as int: out_size}.  A
+     * fuse_req_t is freed by the reply, so answering twice (or a made-up
+     * handle) would be a use-after-free in libfuse; checking this dict
+     * turns it into ValueError. */
+    PyObject *outstanding;
+} ioctls;
+
+static PyObject *logger;            /* logging.getLogger("kexecfs.fusehook") */
 
 /* Passthrough bookkeeping the context wrappers feed (defined with the rest of
  * passthrough below). */
@@ -213,17 +221,17 @@ static void record_ctx(fuse_req_t req)
 {
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
 
-    last_ctx.pid = ctx->pid;
-    last_ctx.uid = ctx->uid;
-    last_ctx.gid = ctx->gid;
-    last_ctx.valid = 1;
+    hook.last_ctx.pid = ctx->pid;
+    hook.last_ctx.uid = ctx->uid;
+    hook.last_ctx.gid = ctx->gid;
+    hook.last_ctx.valid = 1;
 }
 
 static void wrap_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
                          int to_set, struct fuse_file_info *fi)
 {
     record_ctx(req);
-    orig_ops.setattr(req, ino, attr, to_set, fi);
+    hook.orig_ops.setattr(req, ino, attr, to_set, fi);
 }
 
 static void wrap_open(fuse_req_t req, fuse_ino_t ino,
@@ -231,7 +239,7 @@ static void wrap_open(fuse_req_t req, fuse_ino_t ino,
 {
     record_ctx(req);
     passthrough_note_open(req);
-    orig_ops.open(req, ino, fi);
+    hook.orig_ops.open(req, ino, fi);
 }
 
 /* Only for passthrough: see passthrough_forget_req(). */
@@ -239,28 +247,28 @@ static void wrap_opendir(fuse_req_t req, fuse_ino_t ino,
                          struct fuse_file_info *fi)
 {
     passthrough_forget_req(req);
-    orig_ops.opendir(req, ino, fi);
+    hook.orig_ops.opendir(req, ino, fi);
 }
 
 static void wrap_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                       struct fuse_file_info *fi)
 {
     record_ctx(req);
-    orig_ops.read(req, ino, size, off, fi);
+    hook.orig_ops.read(req, ino, size, off, fi);
 }
 
 static void wrap_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
                        size_t size, off_t off, struct fuse_file_info *fi)
 {
     record_ctx(req);
-    orig_ops.write(req, ino, buf, size, off, fi);
+    hook.orig_ops.write(req, ino, buf, size, off, fi);
 }
 
 static void wrap_flush(fuse_req_t req, fuse_ino_t ino,
                        struct fuse_file_info *fi)
 {
     record_ctx(req);
-    orig_ops.flush(req, ino, fi);
+    hook.orig_ops.flush(req, ino, fi);
 }
 
 static void wrap_release(fuse_req_t req, fuse_ino_t ino,
@@ -268,7 +276,7 @@ static void wrap_release(fuse_req_t req, fuse_ino_t ino,
 {
     record_ctx(req);
     passthrough_release(fi->fh);
-    orig_ops.release(req, ino, fi);
+    hook.orig_ops.release(req, ino, fi);
 }
 
 static void wrap_write_buf(fuse_req_t req, fuse_ino_t ino,
@@ -276,14 +284,14 @@ static void wrap_write_buf(fuse_req_t req, fuse_ino_t ino,
                            struct fuse_file_info *fi)
 {
     record_ctx(req);
-    orig_ops.write_buf(req, ino, bufv, off, fi);
+    hook.orig_ops.write_buf(req, ino, bufv, off, fi);
 }
 
 static void wrap_poll(fuse_req_t req, fuse_ino_t ino,
                       struct fuse_file_info *fi, struct fuse_pollhandle *ph)
 {
     record_ctx(req);
-    orig_ops.poll(req, ino, fi, ph);
+    hook.orig_ops.poll(req, ino, fi, ph);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -302,7 +310,7 @@ static void check_reply(int ret, const char *what)
  * have replied before it failed, and a second reply must not happen. */
 static void fail_request(PyObject *key, fuse_req_t req)
 {
-    int found = PyDict_Contains(outstanding, key);
+    int found = PyDict_Contains(ioctls.outstanding, key);
 
     if (found < 0) {
         log_error(1, "ioctl request bookkeeping failed");
@@ -310,7 +318,7 @@ static void fail_request(PyObject *key, fuse_req_t req)
     }
     if (!found)
         return;
-    if (PyDict_DelItem(outstanding, key) < 0)
+    if (PyDict_DelItem(ioctls.outstanding, key) < 0)
         log_error(1, "ioctl request bookkeeping failed");
     check_reply(fuse_reply_err(req, EIO), "fuse_reply_err");
 }
@@ -324,14 +332,15 @@ static void hooked_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd,
     const struct fuse_ctx *ctx;
     PyObject *handler, *key, *size, *res;
 
-    if (ioctl_handler == NULL) {
+    if (ioctls.handler == NULL) {
         check_reply(fuse_reply_err(req, ENOTTY), "fuse_reply_err");
         goto out;
     }
 
     key = PyLong_FromVoidPtr(req);
     size = PyLong_FromSize_t(out_bufsz);
-    if (key == NULL || size == NULL || PyDict_SetItem(outstanding, key, size) < 0) {
+    if (key == NULL || size == NULL ||
+        PyDict_SetItem(ioctls.outstanding, key, size) < 0) {
         log_error(1, "cannot track ioctl request: replying EIO");
         check_reply(fuse_reply_err(req, EIO), "fuse_reply_err");
         Py_XDECREF(key);
@@ -341,7 +350,7 @@ static void hooked_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd,
     Py_DECREF(size);
 
     /* Our own reference: the handler may replace itself while running. */
-    handler = Py_NewRef(ioctl_handler);
+    handler = Py_NewRef(ioctls.handler);
     ctx = fuse_req_ctx(req);
     res = PyObject_CallFunction(
         handler, "OKIKIy#nKiII", key, (unsigned long long)ino, cmd,
@@ -382,8 +391,9 @@ out:
 static struct fuse_lowlevel_ops *hooked_ops(const struct fuse_lowlevel_ops *op,
                                             size_t *op_size)
 {
-    size_t known = *op_size < sizeof(orig_ops) ? *op_size : sizeof(orig_ops);
-    size_t size = *op_size > sizeof(orig_ops) ? *op_size : sizeof(orig_ops);
+    size_t ours = sizeof(hook.orig_ops);
+    size_t known = *op_size < ours ? *op_size : ours;
+    size_t size = *op_size > ours ? *op_size : ours;
     struct fuse_lowlevel_ops *ops;
 
     /* A mount-only session (libfuse >= 3.17 allows op == NULL), or a table we
@@ -398,7 +408,7 @@ static struct fuse_lowlevel_ops *hooked_ops(const struct fuse_lowlevel_ops *op,
     /* The wrappers dispatch through one global copy of the original ops, so
      * only one ops table can be hooked per process.  pyfuse3 supports one
      * session at a time and passes the same table every time. */
-    if (hook_live && memcmp(op, &orig_ops, known) != 0) {
+    if (hook.live && memcmp(op, &hook.orig_ops, known) != 0) {
         fuse_log(FUSE_LOG_ERR, "kexecfs._fusehook: a second, different FUSE "
                  "ops table was passed to fuse_session_new(): not hooking it\n");
         return NULL;
@@ -410,10 +420,11 @@ static struct fuse_lowlevel_ops *hooked_ops(const struct fuse_lowlevel_ops *op,
         return NULL;
     }
     memcpy(ops, op, *op_size);
-    memset(&orig_ops, 0, sizeof(orig_ops));
-    memcpy(&orig_ops, op, known);
+    memset(&hook.orig_ops, 0, sizeof(hook.orig_ops));
+    memcpy(&hook.orig_ops, op, known);
 
-#define WRAP(name) do { if (orig_ops.name) ops->name = wrap_##name; } while (0)
+#define WRAP(name) \
+    do { if (hook.orig_ops.name) ops->name = wrap_##name; } while (0)
     WRAP(setattr);
     WRAP(open);
     WRAP(opendir);
@@ -437,11 +448,11 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
     struct fuse_session *se;
 
     if (ops == NULL)
-        return real_session_new(args, op, op_size, userdata);
-    se = real_session_new(args, ops, op_size, userdata);
+        return hook.real_session_new(args, op, op_size, userdata);
+    se = hook.real_session_new(args, ops, op_size, userdata);
     free(ops);
     if (se != NULL)
-        hook_live = 1;
+        hook.live = 1;
     return se;
 }
 
@@ -456,18 +467,19 @@ fuse_session_new_versioned(struct fuse_args *args,
 
     /* Only a program linked against libfuse >= 3.17 calls this, and then
      * PyInit__fusehook found the real one. */
-    if (real_session_new_versioned == NULL) {
+    if (hook.real_session_new_versioned == NULL) {
         fuse_log(FUSE_LOG_ERR, "kexecfs._fusehook: this libfuse has no "
                  "fuse_session_new_versioned@FUSE_3.17\n");
         return NULL;
     }
     ops = hooked_ops(op, &op_size);
     if (ops == NULL)
-        return real_session_new_versioned(args, op, op_size, version, userdata);
-    se = real_session_new_versioned(args, ops, op_size, version, userdata);
+        return hook.real_session_new_versioned(args, op, op_size, version,
+                                               userdata);
+    se = hook.real_session_new_versioned(args, ops, op_size, version, userdata);
     free(ops);
     if (se != NULL)
-        hook_live = 1;
+        hook.live = 1;
     return se;
 }
 
@@ -570,37 +582,6 @@ typedef int (*custom_io_fn)(struct fuse_session *,
                             const struct fuse_custom_io *, int);
 typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
 
-static session_mount_fn real_session_mount;
-static custom_io_fn real_custom_io;     /* NULL before libfuse 3.12 */
-static reply_open_fn real_reply_open;
-
-/* The hooked session's /dev/fuse descriptor, target of the BACKING ioctls;
- * -1 without our custom io. */
-static int dev_fd = -1;
-
-/* The FUSE_INIT request seen by io_read(), until io_writev() sends its reply
- * (libfuse answers INIT synchronously, before reading anything else). */
-static struct {
-    uint64_t unique;
-    int pending;
-    int offered;            /* the kernel offered FUSE_PASSTHROUGH */
-} init_req;
-
-static int passthrough_enabled;
-/* Why passthrough_enabled is 0, for the fallback log line. */
-static const char *disabled_reason;
-static char probe_reason[200];      /* disabled_reason after a failed probe */
-static unsigned long long n_passthrough, n_fallback;
-/* errnos of FUSE_DEV_IOC_BACKING_OPEN already logged, and whether the
- * "not enabled" fallback was: one log line each, not one per open. */
-static unsigned char errno_logged[4096 / 8];
-static int disabled_logged;
-
-/* All touched with the GIL held, like the ioctl state above. */
-static PyObject *open_reqs;     /* {req as int}: FUSE_OPEN requests not answered yet */
-static PyObject *registered;    /* {fh: fd} from passthrough_open(), until the reply */
-static PyObject *open_files;    /* {fh: backing id} of passthrough files not released */
-
 /*
  * A file registered with the kernel: one per backing file, shared by all the
  * opens it serves.  The kernel insists that concurrent passthrough opens of
@@ -618,7 +599,41 @@ struct backing {
     int32_t id;
     unsigned long users;    /* replied opens not released yet */
 };
-static struct backing *backings;
+
+/* All touched with the GIL held, like the ioctl state above. */
+static struct passthrough_state {
+    /* libfuse's own functions, resolved at import (see PyInit__fusehook). */
+    session_mount_fn real_session_mount;
+    custom_io_fn real_custom_io;        /* NULL before libfuse 3.12 */
+    reply_open_fn real_reply_open;
+
+    /* The hooked session's /dev/fuse descriptor, target of the BACKING
+     * ioctls; -1 without our custom io. */
+    int dev_fd;
+    /* The FUSE_INIT request seen by io_read(), until io_writev() sends its
+     * reply (libfuse answers INIT synchronously, before reading anything
+     * else). */
+    struct {
+        uint64_t unique;
+        int pending;
+        int offered;        /* the kernel offered FUSE_PASSTHROUGH */
+    } init_req;
+    int enabled;
+    /* Why enabled is 0, for the fallback log line. */
+    const char *disabled_reason;
+    char probe_reason[200];         /* disabled_reason after a failed probe */
+
+    PyObject *open_reqs;    /* {req as int}: FUSE_OPEN requests not answered yet */
+    PyObject *registered;   /* {fh: fd} from passthrough_open(), until the reply */
+    PyObject *open_files;   /* {fh: backing id} of passthrough files not released */
+    struct backing *backings;
+
+    unsigned long long n_passthrough, n_fallback;
+    /* errnos of FUSE_DEV_IOC_BACKING_OPEN already logged, and whether the
+     * "not enabled" fallback was: one log line each, not one per open. */
+    unsigned char errno_logged[4096 / 8];
+    int disabled_logged;
+} pt = {.dev_fd = -1};
 
 /* Forgets all passthrough state: a new session has a new connection, where
  * the old backing ids mean nothing (the kernel dropped them with the old
@@ -627,17 +642,17 @@ static void passthrough_reset(const char *reason)
 {
     struct backing *b;
 
-    while ((b = backings) != NULL) {
-        backings = b->next;
+    while ((b = pt.backings) != NULL) {
+        pt.backings = b->next;
         free(b);
     }
-    PySet_Clear(open_reqs);
-    PyDict_Clear(registered);
-    PyDict_Clear(open_files);
-    memset(&init_req, 0, sizeof(init_req));
-    passthrough_enabled = 0;
-    disabled_reason = reason;
-    dev_fd = -1;
+    PySet_Clear(pt.open_reqs);
+    PyDict_Clear(pt.registered);
+    PyDict_Clear(pt.open_files);
+    memset(&pt.init_req, 0, sizeof(pt.init_req));
+    pt.enabled = 0;
+    pt.disabled_reason = reason;
+    pt.dev_fd = -1;
 }
 
 /* --- INIT: the custom io ------------------------------------------------- */
@@ -651,10 +666,10 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
     if (res >= (ssize_t)sizeof(*in) && in->opcode == KX_FUSE_INIT) {
         const struct kx_init_in *arg = (const struct kx_init_in *)(in + 1);
 
-        init_req.unique = in->unique;
-        init_req.pending = 1;
+        pt.init_req.unique = in->unique;
+        pt.init_req.pending = 1;
         /* flags2 exists only if the kernel says so with FUSE_INIT_EXT. */
-        init_req.offered =
+        pt.init_req.offered =
             res >= (ssize_t)(sizeof(*in) + sizeof(*arg)) &&
             (arg->flags & KX_FUSE_INIT_EXT) &&
             (arg->flags2 & KX_FUSE_PASSTHROUGH_HI);
@@ -669,7 +684,7 @@ static const char *init_reply_unpatchable(const struct iovec *iov, int count)
     const struct kx_out_header *oh = iov[0].iov_base;
     const struct kx_init_out *out;
 
-    if (!init_req.offered)
+    if (!pt.init_req.offered)
         return "the kernel did not offer FUSE_PASSTHROUGH at FUSE_INIT "
                "(it needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)";
     if (oh->error != 0 || count != 2)
@@ -702,10 +717,10 @@ static int probe_backing_open(int fd)
 
     if (ioctl(fd, KX_FUSE_DEV_IOC_BACKING_OPEN, &map) < 0 && errno == EBADF)
         return 1;
-    snprintf(probe_reason, sizeof(probe_reason), "FUSE_INIT was answered "
+    snprintf(pt.probe_reason, sizeof(pt.probe_reason), "FUSE_INIT was answered "
              "with FUSE_PASSTHROUGH, but FUSE_DEV_IOC_BACKING_OPEN is refused "
              "(%s; it needs CAP_SYS_ADMIN)", strerror(errno));
-    disabled_reason = probe_reason;
+    pt.disabled_reason = pt.probe_reason;
     return 0;
 }
 
@@ -717,7 +732,7 @@ static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
     ssize_t res;
 
     if (why != NULL) {
-        disabled_reason = why;
+        pt.disabled_reason = why;
         return writev(fd, iov, count);
     }
     memset(&out, 0, sizeof(out));
@@ -734,9 +749,9 @@ static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
     patched[1].iov_len = iov[1].iov_len;
     res = writev(fd, patched, 2);
     if (res == (ssize_t)(iov[0].iov_len + iov[1].iov_len)) {
-        passthrough_enabled = probe_backing_open(fd);
+        pt.enabled = probe_backing_open(fd);
     } else {
-        disabled_reason = "sending the FUSE_INIT reply failed";
+        pt.disabled_reason = "sending the FUSE_INIT reply failed";
     }
     return res;
 }
@@ -744,11 +759,11 @@ static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
     (void)userdata;
-    if (init_req.pending && count > 0 &&
+    if (pt.init_req.pending && count > 0 &&
         iov[0].iov_len == sizeof(struct kx_out_header) &&
         ((const struct kx_out_header *)iov[0].iov_base)->unique ==
-            init_req.unique) {
-        init_req.pending = 0;
+            pt.init_req.unique) {
+        pt.init_req.pending = 0;
         return write_init_reply(fd, iov, count);
     }
     return writev(fd, iov, count);
@@ -774,29 +789,29 @@ static void install_io(struct fuse_session *se)
     };
     int fd = fuse_session_fd(se), res;
 
-    if (real_custom_io == NULL) {
+    if (pt.real_custom_io == NULL) {
         passthrough_reset("this libfuse has no fuse_session_custom_io "
                           "(libfuse < 3.12), needed to enable it");
         return;
     }
     passthrough_reset("FUSE_INIT has not been answered yet");
-    res = real_custom_io(se, &io, fd);
+    res = pt.real_custom_io(se, &io, fd);
     if (res < 0) {
-        disabled_reason = "fuse_session_custom_io() failed";
+        pt.disabled_reason = "fuse_session_custom_io() failed";
         log_error(0, "fuse_session_custom_io() failed: %s: FUSE passthrough "
                   "will not be available", strerror(-res));
         return;
     }
-    dev_fd = fd;
+    pt.dev_fd = fd;
 }
 
 INTERPOSE int fuse_session_mount(struct fuse_session *se,
                                  const char *mountpoint)
 {
-    int res = real_session_mount(se, mountpoint);
+    int res = pt.real_session_mount(se, mountpoint);
 
     /* Only the session whose open requests our ops table tracks. */
-    if (res == 0 && hook_live) {
+    if (res == 0 && hook.live) {
         PyGILState_STATE gil = PyGILState_Ensure();
 
         install_io(se);
@@ -834,7 +849,7 @@ static void passthrough_note_open(fuse_req_t req)
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *key = PyLong_FromVoidPtr(req);
 
-    if (key == NULL || PySet_Add(open_reqs, key) < 0)
+    if (key == NULL || PySet_Add(pt.open_reqs, key) < 0)
         log_error(1, "passthrough bookkeeping failed: this open will not be "
                   "passthrough");
     Py_XDECREF(key);
@@ -849,7 +864,7 @@ static void passthrough_forget_req(fuse_req_t req)
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *key = PyLong_FromVoidPtr(req);
 
-    if (key == NULL || PySet_Discard(open_reqs, key) < 0)
+    if (key == NULL || PySet_Discard(pt.open_reqs, key) < 0)
         log_error(1, "passthrough bookkeeping failed");
     Py_XDECREF(key);
     PyGILState_Release(gil);
@@ -864,13 +879,13 @@ static int take_registration(fuse_req_t req, uint64_t fh)
 
     if (key == NULL)
         goto fail;
-    is_open = PySet_Discard(open_reqs, key);
+    is_open = PySet_Discard(pt.open_reqs, key);
     Py_DECREF(key);
     if (is_open < 0)
         goto fail;
     if (is_open == 0)
         return -1;
-    value = dict_pop(registered, fh);
+    value = dict_pop(pt.registered, fh);
     if (value == NULL) {
         if (PyErr_Occurred())
             goto fail;
@@ -896,7 +911,7 @@ static struct backing *backing_get(int fd)
 
     if (fstat(fd, &st) < 0)
         return NULL;
-    for (b = backings; b != NULL; b = b->next)
+    for (b = pt.backings; b != NULL; b = b->next)
         if (b->dev == st.st_dev && b->ino == st.st_ino) {
             b->users++;
             return b;
@@ -904,7 +919,7 @@ static struct backing *backing_get(int fd)
     b = malloc(sizeof(*b));
     if (b == NULL)
         return NULL;
-    id = ioctl(dev_fd, KX_FUSE_DEV_IOC_BACKING_OPEN, &map);
+    id = ioctl(pt.dev_fd, KX_FUSE_DEV_IOC_BACKING_OPEN, &map);
     if (id < 0) {
         int err = errno;
 
@@ -916,8 +931,8 @@ static struct backing *backing_get(int fd)
     b->ino = st.st_ino;
     b->id = id;
     b->users = 1;
-    b->next = backings;
-    backings = b;
+    b->next = pt.backings;
+    pt.backings = b;
     return b;
 }
 
@@ -929,11 +944,11 @@ static void backing_put(struct backing *b)
 
     if (--b->users > 0)
         return;
-    for (p = &backings; *p != b; p = &(*p)->next)
+    for (p = &pt.backings; *p != b; p = &(*p)->next)
         ;
     *p = b->next;
     free(b);
-    if (ioctl(dev_fd, KX_FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0)
+    if (ioctl(pt.dev_fd, KX_FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0)
         log_error(0, "FUSE_DEV_IOC_BACKING_CLOSE of backing id %u failed: %s",
                   (unsigned int)id, strerror(errno));
 }
@@ -945,9 +960,9 @@ static void passthrough_release(uint64_t fh)
     struct backing *b;
     long id;
 
-    if (PyDict_GET_SIZE(open_files) == 0)
+    if (PyDict_GET_SIZE(pt.open_files) == 0)
         goto out;
-    value = dict_pop(open_files, fh);
+    value = dict_pop(pt.open_files, fh);
     if (value == NULL) {
         if (PyErr_Occurred())
             log_error(1, "passthrough bookkeeping failed at release of fh %llu",
@@ -956,7 +971,7 @@ static void passthrough_release(uint64_t fh)
     }
     id = PyLong_AsLong(value);
     Py_DECREF(value);
-    for (b = backings; b != NULL && b->id != id; b = b->next)
+    for (b = pt.backings; b != NULL && b->id != id; b = b->next)
         ;
     if (b != NULL)
         backing_put(b);
@@ -973,9 +988,9 @@ static int reply_direct_io(fuse_req_t req, const struct fuse_file_info *fi)
     int res;
 
     copy.direct_io = 1;
-    res = real_reply_open(req, &copy);
+    res = pt.real_reply_open(req, &copy);
     if (res == 0)
-        n_fallback++;
+        pt.n_fallback++;
     return res;
 }
 
@@ -984,14 +999,14 @@ static int reply_direct_io(fuse_req_t req, const struct fuse_file_info *fi)
 static int reply_fallback(fuse_req_t req, const struct fuse_file_info *fi,
                           int err)
 {
-    if (err == 0 && !disabled_logged) {
-        disabled_logged = 1;
+    if (err == 0 && !pt.disabled_logged) {
+        pt.disabled_logged = 1;
         log_warning("FUSE passthrough is not enabled on this connection: %s; "
                     "files registered with passthrough_open() are served by "
-                    "the daemon with direct_io instead", disabled_reason);
-    } else if (err > 0 && err < (int)(8 * sizeof(errno_logged)) &&
-               !(errno_logged[err / 8] & (1u << (err % 8)))) {
-        errno_logged[err / 8] |= (unsigned char)(1u << (err % 8));
+                    "the daemon with direct_io instead", pt.disabled_reason);
+    } else if (err > 0 && err < (int)(8 * sizeof(pt.errno_logged)) &&
+               !(pt.errno_logged[err / 8] & (1u << (err % 8)))) {
+        pt.errno_logged[err / 8] |= (unsigned char)(1u << (err % 8));
         log_warning("FUSE passthrough of fh %llu refused: "
                     "FUSE_DEV_IOC_BACKING_OPEN: %s; served by the daemon with "
                     "direct_io instead (logged once per errno)",
@@ -1013,7 +1028,7 @@ static int reply_passthrough(fuse_req_t req, const struct fuse_file_info *fi,
     struct backing *b;
     int res;
 
-    if (!passthrough_enabled)
+    if (!pt.enabled)
         return reply_fallback(req, fi, 0);
     b = backing_get(fd);
     if (b == NULL)
@@ -1022,7 +1037,8 @@ static int reply_passthrough(fuse_req_t req, const struct fuse_file_info *fi,
      * bookkeeping failure can still become a fallback. */
     key = PyLong_FromUnsignedLongLong(fi->fh);
     id = PyLong_FromLong(b->id);
-    if (key == NULL || id == NULL || PyDict_SetItem(open_files, key, id) < 0) {
+    if (key == NULL || id == NULL ||
+        PyDict_SetItem(pt.open_files, key, id) < 0) {
         log_error(1, "passthrough bookkeeping failed for fh %llu",
                   (unsigned long long)fi->fh);
         backing_put(b);
@@ -1032,10 +1048,10 @@ static int reply_passthrough(fuse_req_t req, const struct fuse_file_info *fi,
     out.backing_id = b->id;
     res = fuse_reply_buf(req, (const char *)&out, sizeof(out));
     if (res == 0) {
-        n_passthrough++;
+        pt.n_passthrough++;
     } else {
         /* Not delivered (the opener was interrupted): no release will come. */
-        if (PyDict_DelItem(open_files, key) < 0)
+        if (PyDict_DelItem(pt.open_files, key) < 0)
             log_error(1, "passthrough bookkeeping failed");
         backing_put(b);
     }
@@ -1049,7 +1065,7 @@ INTERPOSE int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     int fd = take_registration(req, fi->fh);
-    int res = fd < 0 ? real_reply_open(req, fi)
+    int res = fd < 0 ? pt.real_reply_open(req, fi)
                      : reply_passthrough(req, fi, fd);
 
     PyGILState_Release(gil);
@@ -1072,7 +1088,7 @@ static fuse_req_t take_request(PyObject *key, size_t *out_size)
                      Py_TYPE(key)->tp_name);
         return NULL;
     }
-    size = PyDict_GetItemWithError(outstanding, key);
+    size = PyDict_GetItemWithError(ioctls.outstanding, key);
     if (size == NULL) {
         if (!PyErr_Occurred())
             PyErr_Format(PyExc_ValueError, "%R is not an outstanding ioctl "
@@ -1081,7 +1097,7 @@ static fuse_req_t take_request(PyObject *key, size_t *out_size)
     }
     *out_size = PyLong_AsSize_t(size);
     req = PyLong_AsVoidPtr(key);
-    if (PyErr_Occurred() || PyDict_DelItem(outstanding, key) < 0)
+    if (PyErr_Occurred() || PyDict_DelItem(ioctls.outstanding, key) < 0)
         return NULL;
     return req;
 }
@@ -1090,7 +1106,7 @@ static PyObject *fh_hook_active(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyBool_FromLong(hook_live);
+    return PyBool_FromLong(hook.live);
 }
 
 static PyObject *fh_set_ioctl_handler(PyObject *self, PyObject *callback)
@@ -1101,7 +1117,8 @@ static PyObject *fh_set_ioctl_handler(PyObject *self, PyObject *callback)
                      "not %.100s", Py_TYPE(callback)->tp_name);
         return NULL;
     }
-    Py_XSETREF(ioctl_handler, callback == Py_None ? NULL : Py_NewRef(callback));
+    Py_XSETREF(ioctls.handler,
+               callback == Py_None ? NULL : Py_NewRef(callback));
     Py_RETURN_NONE;
 }
 
@@ -1160,20 +1177,21 @@ static PyObject *fh_last_request_ctx(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    if (!last_ctx.valid) {
+    if (!hook.last_ctx.valid) {
         PyErr_SetString(PyExc_RuntimeError,
                         "no FUSE request has been dispatched yet");
         return NULL;
     }
-    return Py_BuildValue("(iII)", (int)last_ctx.pid,
-                         (unsigned int)last_ctx.uid, (unsigned int)last_ctx.gid);
+    return Py_BuildValue("(iII)", (int)hook.last_ctx.pid,
+                         (unsigned int)hook.last_ctx.uid,
+                         (unsigned int)hook.last_ctx.gid);
 }
 
 static PyObject *fh_passthrough_available(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyBool_FromLong(passthrough_enabled);
+    return PyBool_FromLong(pt.enabled);
 }
 
 static PyObject *fh_passthrough_open(PyObject *self, PyObject *args)
@@ -1195,7 +1213,7 @@ static PyObject *fh_passthrough_open(PyObject *self, PyObject *args)
     value = PyLong_FromLong(fd);
     if (value == NULL)
         return NULL;
-    res = PyDict_SetItem(registered, fh, value);
+    res = PyDict_SetItem(pt.registered, fh, value);
     Py_DECREF(value);
     if (res < 0)
         return NULL;
@@ -1206,7 +1224,7 @@ static PyObject *fh_passthrough_stats(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("(KK)", n_passthrough, n_fallback);
+    return Py_BuildValue("(KK)", pt.n_passthrough, pt.n_fallback);
 }
 
 static PyMethodDef fusehook_methods[] = {
@@ -1252,21 +1270,21 @@ PyMODINIT_FUNC PyInit__fusehook(void)
      * libfuse keeps several ABIs of some functions under one name
      * (fuse_session_custom_io@FUSE_3.0 and @@FUSE_3.17, for example), and plain
      * dlsym would return whichever is the current default. */
-    real_session_new = (session_new_fn)dlvsym(RTLD_NEXT, "fuse_session_new",
-                                              "FUSE_3.0");
-    if (real_session_new == NULL) {
+    hook.real_session_new = (session_new_fn)dlvsym(
+        RTLD_NEXT, "fuse_session_new", "FUSE_3.0");
+    if (hook.real_session_new == NULL) {
         PyErr_Format(PyExc_ImportError, "kexecfs._fusehook: libfuse's "
                      "fuse_session_new@FUSE_3.0 not found: %s", dlerror());
         return NULL;
     }
     /* libfuse >= 3.17 only; pyfuse3 built against it calls this instead. */
-    real_session_new_versioned = (session_new_versioned_fn)dlvsym(
+    hook.real_session_new_versioned = (session_new_versioned_fn)dlvsym(
         RTLD_NEXT, "fuse_session_new_versioned", "FUSE_3.17");
-    real_session_mount = (session_mount_fn)dlvsym(
+    pt.real_session_mount = (session_mount_fn)dlvsym(
         RTLD_NEXT, "fuse_session_mount", "FUSE_3.0");
-    real_reply_open = (reply_open_fn)dlvsym(RTLD_NEXT, "fuse_reply_open",
-                                            "FUSE_3.0");
-    if (real_session_mount == NULL || real_reply_open == NULL) {
+    pt.real_reply_open = (reply_open_fn)dlvsym(
+        RTLD_NEXT, "fuse_reply_open", "FUSE_3.0");
+    if (pt.real_session_mount == NULL || pt.real_reply_open == NULL) {
         PyErr_Format(PyExc_ImportError, "kexecfs._fusehook: libfuse's "
                      "fuse_session_mount or fuse_reply_open@FUSE_3.0 not "
                      "found: %s", dlerror());
@@ -1274,17 +1292,17 @@ PyMODINIT_FUNC PyInit__fusehook(void)
     }
     /* libfuse >= 3.12 only (without it, no passthrough).  @FUSE_3.0 is the
      * ABI of the struct fuse_custom_io we pass (3.17 grew it). */
-    real_custom_io = (custom_io_fn)dlvsym(RTLD_NEXT, "fuse_session_custom_io",
-                                          "FUSE_3.0");
+    pt.real_custom_io = (custom_io_fn)dlvsym(
+        RTLD_NEXT, "fuse_session_custom_io", "FUSE_3.0");
 
-    outstanding = PyDict_New();
-    open_reqs = PySet_New(NULL);
-    registered = PyDict_New();
-    open_files = PyDict_New();
-    if (outstanding == NULL || open_reqs == NULL || registered == NULL ||
-        open_files == NULL)
+    ioctls.outstanding = PyDict_New();
+    pt.open_reqs = PySet_New(NULL);
+    pt.registered = PyDict_New();
+    pt.open_files = PyDict_New();
+    if (ioctls.outstanding == NULL || pt.open_reqs == NULL ||
+        pt.registered == NULL || pt.open_files == NULL)
         return NULL;
-    disabled_reason = "no FUSE session has been mounted yet";
+    pt.disabled_reason = "no FUSE session has been mounted yet";
     logging = PyImport_ImportModule("logging");
     if (logging == NULL)
         return NULL;
