@@ -28,7 +28,10 @@ setup(
     ext_modules=[
         Extension(
             "kexecfs._fusehook",
-            sources=["kexecfs/_fusehook.c"],
+            # One file per concern: the top of module.c says which holds what.
+            sources=[
+                "kexecfs/_fusehook_c/module.c",
+            ],
             extra_compile_args=[*pkg_config("--cflags"), "-Wall", "-Wextra"],
             # -ldl: dlvsym() (part of libc itself since glibc 2.34, harmless there).
             extra_link_args=[*pkg_config("--libs"), "-ldl"],
