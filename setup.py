@@ -31,7 +31,10 @@ setup(
             # One file per concern: the top of module.c says which holds what.
             sources=[
                 "kexecfs/_fusehook_c/module.c",
+                "kexecfs/_fusehook_c/log.c",
             ],
+            # So that a change to it rebuilds the extension, and an sdist ships it.
+            depends=["kexecfs/_fusehook_c/fusehook.h"],
             extra_compile_args=[*pkg_config("--cflags"), "-Wall", "-Wextra"],
             # -ldl: dlvsym() (part of libc itself since glibc 2.34, harmless there).
             extra_link_args=[*pkg_config("--libs"), "-ldl"],

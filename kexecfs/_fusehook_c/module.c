@@ -32,16 +32,7 @@
  * state, and uses single-phase initialisation.
  */
 
-/* Python.h comes first (as the C API requires) and defines _GNU_SOURCE, which
- * dlvsym() and RTLD_NEXT need. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-/* 3.5 is the first API level where the ioctl op takes `unsigned int cmd`
- * (ioctl numbers with the read bit set are >= 2^31).  pyfuse3 builds with
- * FUSE_USE_VERSION 32, where cmd is `int`: the ops table has the same layout. */
-#define FUSE_USE_VERSION 35
-#include <fuse_lowlevel.h>
+#include "fusehook.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -66,10 +57,6 @@
 
 /* Only passed through; the definition exists in libfuse >= 3.17 headers. */
 struct libfuse_version;
-
-/* The interposing definitions must stay exported whatever -fvisibility the
- * build uses: being found by the dynamic linker is their whole purpose. */
-#define INTERPOSE __attribute__((visibility("default")))
 
 /* ------------------------------------------------------------------------ */
 /* Shared state                                                             */
@@ -109,106 +96,11 @@ static struct ioctl_state {
     PyObject *outstanding;
 } ioctls;
 
-static PyObject *logger;            /* logging.getLogger("kexecfs.fusehook") */
-
 /* Passthrough bookkeeping the context wrappers feed (defined with the rest of
  * passthrough below). */
 static void passthrough_note_open(fuse_req_t req);
 static void passthrough_forget_req(fuse_req_t req);
 static void passthrough_release(uint64_t fh);
-
-/* ------------------------------------------------------------------------ */
-/* Logging                                                                  */
-/* ------------------------------------------------------------------------ */
-
-/* Takes the current exception (traceback attached) out of the error state. */
-static PyObject *take_exception(void)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *type, *value, *tb;
-
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL)
-        PyException_SetTraceback(value, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
-#endif
-}
-
-static void restore_exception(PyObject *exc)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(exc);
-#else
-    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
-                  PyException_GetTraceback(exc));
-#endif
-}
-
-/*
- * Logs through the "kexecfs.fusehook" logger at the given level ("error",
- * "warning"), so the daemon's logging configuration applies (without one,
- * Python's last-resort handler still prints warnings and errors to stderr).
- * With with_exception, the current exception is consumed and logged with its
- * traceback.  Never leaves an exception set: pyfuse3 checks PyErr_Occurred()
- * after fuse_session_process_buf() and would stop its main loop.  If logging
- * itself fails, the exception goes to sys.unraisablehook (stderr) instead of
- * being lost.  Needs the GIL.
- */
-static void log_va(const char *level, int with_exception, const char *format,
-                   va_list va)
-{
-    PyObject *exc = NULL, *msg, *res = NULL;
-
-    if (with_exception)
-        exc = take_exception();
-    msg = PyUnicode_FromFormatV(format, va);
-    if (msg != NULL) {
-        PyObject *method = PyObject_GetAttrString(logger, level);
-        PyObject *args = Py_BuildValue("(sO)", "%s", msg);
-        PyObject *kwargs = Py_BuildValue("{s:O}", "exc_info",
-                                         exc != NULL ? exc : Py_False);
-
-        if (method != NULL && args != NULL && kwargs != NULL)
-            res = PyObject_Call(method, args, kwargs);
-        Py_XDECREF(method);
-        Py_XDECREF(args);
-        Py_XDECREF(kwargs);
-    }
-    if (res == NULL) {
-        PyErr_WriteUnraisable(msg);
-        if (exc != NULL) {
-            restore_exception(exc);
-            exc = NULL;
-            PyErr_WriteUnraisable(msg);
-        }
-    }
-    Py_XDECREF(res);
-    Py_XDECREF(msg);
-    Py_XDECREF(exc);
-}
-
-static void log_error(int with_exception, const char *format, ...)
-{
-    va_list va;
-
-    va_start(va, format);
-    log_va("error", with_exception, format, va);
-    va_end(va);
-}
-
-static void log_warning(const char *format, ...)
-{
-    va_list va;
-
-    va_start(va, format);
-    log_va("warning", 0, format, va);
-    va_end(va);
-}
 
 /* ------------------------------------------------------------------------ */
 /* Request context: wrappers around pyfuse3's ops                           */
@@ -1262,7 +1154,7 @@ static struct PyModuleDef fusehook_module = {
 
 PyMODINIT_FUNC PyInit__fusehook(void)
 {
-    PyObject *mod, *logging;
+    PyObject *mod;
 
     /* RTLD_NEXT searches the objects loaded after us in our lookup scope:
      * libfuse, which we link against, and not this module's own definitions.
@@ -1303,12 +1195,7 @@ PyMODINIT_FUNC PyInit__fusehook(void)
         pt.registered == NULL || pt.open_files == NULL)
         return NULL;
     pt.disabled_reason = "no FUSE session has been mounted yet";
-    logging = PyImport_ImportModule("logging");
-    if (logging == NULL)
-        return NULL;
-    logger = PyObject_CallMethod(logging, "getLogger", "s", "kexecfs.fusehook");
-    Py_DECREF(logging);
-    if (logger == NULL)
+    if (log_init() < 0)
         return NULL;
 
     mod = PyModule_Create(&fusehook_module);

@@ -1,0 +1,48 @@
+/*
+ * Declarations shared by the files of kexecfs._fusehook; the top of module.c
+ * says which file holds what.  Private to this folder.  Every file includes
+ * it first.
+ */
+
+#ifndef KEXECFS_FUSEHOOK_H
+#define KEXECFS_FUSEHOOK_H
+
+/* Python.h comes first (as the C API requires) and defines _GNU_SOURCE, which
+ * dlvsym() and RTLD_NEXT need. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* 3.5 is the first API level where the ioctl op takes `unsigned int cmd`
+ * (ioctl numbers with the read bit set are >= 2^31).  pyfuse3 builds with
+ * FUSE_USE_VERSION 32, where cmd is `int`: the ops table has the same layout. */
+#define FUSE_USE_VERSION 35
+#include <fuse_lowlevel.h>
+
+#include <stdint.h>
+
+/* The interposing definitions must stay exported whatever -fvisibility the
+ * build uses: being found by the dynamic linker is their whole purpose. */
+#define INTERPOSE __attribute__((visibility("default")))
+
+/*
+ * Every other name shared between the files is hidden, whatever -fvisibility
+ * the build uses: fusehook.py loads the extension with RTLD_GLOBAL, so an
+ * exported log_error() or hooked_ioctl() would join the process's global
+ * symbol scope and could capture another library's reference to a function
+ * of the same name.  Only PyInit__fusehook and the INTERPOSE definitions are
+ * exported.
+ */
+#pragma GCC visibility push(hidden)
+
+/* log.c: logging through the "kexecfs.fusehook" logger (needs the GIL) */
+
+/* Creates the logger; -1 with an exception set on failure. */
+int log_init(void);
+/* With with_exception, consumes the current exception and logs it with its
+ * traceback.  The format is PyUnicode_FromFormat()'s. */
+void log_error(int with_exception, const char *format, ...);
+void log_warning(const char *format, ...);
+
+#pragma GCC visibility pop
+
+#endif /* KEXECFS_FUSEHOOK_H */
