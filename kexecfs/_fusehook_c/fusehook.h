@@ -43,6 +43,30 @@ int log_init(void);
 void log_error(int with_exception, const char *format, ...);
 void log_warning(const char *format, ...);
 
+/* session.c: the interposed fuse_session_new() and the ops it installs */
+
+/* Finds libfuse's own functions; -1 with ImportError set on failure. */
+int hook_init(void);
+/* Whether a FUSE session was created with our ops table. */
+int hook_is_live(void);
+PyObject *fh_hook_active(PyObject *self, PyObject *unused);
+PyObject *fh_last_request_ctx(PyObject *self, PyObject *unused);
+
+/* ioctl.c: FUSE_IOCTL requests, answered by a Python handler */
+
+/* The ioctl op session.c installs. */
+void hooked_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
+                  struct fuse_file_info *fi, unsigned flags,
+                  const void *in_buf, size_t in_bufsz, size_t out_bufsz);
+
+/* passthrough.c: FUSE passthrough on libfuse < 3.16 */
+
+/* Bookkeeping the ops wrappers feed: a FUSE_OPEN is being dispatched, a
+ * FUSE_OPENDIR is (see passthrough_forget_req()), fh is being released. */
+void passthrough_note_open(fuse_req_t req);
+void passthrough_forget_req(fuse_req_t req);
+void passthrough_release(uint64_t fh);
+
 #pragma GCC visibility pop
 
 #endif /* KEXECFS_FUSEHOOK_H */
