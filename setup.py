@@ -33,6 +33,7 @@ setup(
                 "kexecfs/_fusehook_c/module.c",
                 "kexecfs/_fusehook_c/log.c",
                 "kexecfs/_fusehook_c/session.c",
+                "kexecfs/_fusehook_c/ioctl.c",
             ],
             # So that a change to it rebuilds the extension, and an sdist ships it.
             depends=["kexecfs/_fusehook_c/fusehook.h"],

@@ -54,10 +54,15 @@ PyObject *fh_last_request_ctx(PyObject *self, PyObject *unused);
 
 /* ioctl.c: FUSE_IOCTL requests, answered by a Python handler */
 
+/* Creates the table of outstanding requests; -1 with an exception set. */
+int ioctl_init(void);
 /* The ioctl op session.c installs. */
 void hooked_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
                   struct fuse_file_info *fi, unsigned flags,
                   const void *in_buf, size_t in_bufsz, size_t out_bufsz);
+PyObject *fh_set_ioctl_handler(PyObject *self, PyObject *callback);
+PyObject *fh_reply_ioctl(PyObject *self, PyObject *args);
+PyObject *fh_reply_err(PyObject *self, PyObject *args);
 
 /* passthrough.c: FUSE passthrough on libfuse < 3.16 */
 
