@@ -34,6 +34,7 @@ setup(
                 "kexecfs/_fusehook_c/log.c",
                 "kexecfs/_fusehook_c/session.c",
                 "kexecfs/_fusehook_c/ioctl.c",
+                "kexecfs/_fusehook_c/passthrough.c",
             ],
             # So that a change to it rebuilds the extension, and an sdist ships it.
             depends=["kexecfs/_fusehook_c/fusehook.h"],

@@ -66,11 +66,17 @@ PyObject *fh_reply_err(PyObject *self, PyObject *args);
 
 /* passthrough.c: FUSE passthrough on libfuse < 3.16 */
 
+/* Finds libfuse's functions and creates the bookkeeping tables; -1 with an
+ * exception set on failure. */
+int passthrough_init(void);
 /* Bookkeeping the ops wrappers feed: a FUSE_OPEN is being dispatched, a
  * FUSE_OPENDIR is (see passthrough_forget_req()), fh is being released. */
 void passthrough_note_open(fuse_req_t req);
 void passthrough_forget_req(fuse_req_t req);
 void passthrough_release(uint64_t fh);
+PyObject *fh_passthrough_available(PyObject *self, PyObject *unused);
+PyObject *fh_passthrough_open(PyObject *self, PyObject *args);
+PyObject *fh_passthrough_stats(PyObject *self, PyObject *unused);
 
 #pragma GCC visibility pop
 
