@@ -64,7 +64,7 @@ PyObject *fh_set_ioctl_handler(PyObject *self, PyObject *callback);
 PyObject *fh_reply_ioctl(PyObject *self, PyObject *args);
 PyObject *fh_reply_err(PyObject *self, PyObject *args);
 
-/* passthrough.c: FUSE passthrough on libfuse < 3.16 */
+/* passthrough.c: FUSE passthrough, which libfuse < 3.17 has no API for */
 
 /* Finds libfuse's functions and creates the bookkeeping tables; -1 with an
  * exception set on failure. */

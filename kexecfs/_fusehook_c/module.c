@@ -19,8 +19,9 @@
  *   session.c      the interposed fuse_session_new() (how the hook works),
  *                  the patched ops table, the request-context wrappers
  *   ioctl.c        FUSE_IOCTL dispatch to the Python handler, its replies
- *   passthrough.c  FUSE passthrough on libfuse < 3.16: INIT patching through
- *                  a custom io, backing registrations, fuse_reply_open()
+ *   passthrough.c  FUSE passthrough, which libfuse < 3.17 has no API for:
+ *                  INIT patching through a custom io, backing registrations,
+ *                  the interposed fuse_reply_open()
  *   log.c          logging through the "kexecfs.fusehook" Python logger
  *   module.c       this file: the Python module and its initialisation
  *   fusehook.h     the declarations they share

@@ -3,8 +3,13 @@
  * mmap of an open FUSE file straight from a "backing" file the daemon
  * registered on /dev/fuse.  A restored memfd given back through the mount is
  * then as fast as the memfd itself, and mappings share the memfd's pages.
- * libfuse 3.14 predates it (3.16 added FUSE_CAP_PASSTHROUGH, which pyfuse3
- * would not use anyway), so this module speaks the missing protocol itself:
+ *
+ * Most of this file is needed only while libfuse < 3.17.  libfuse 3.14
+ * predates passthrough, and libfuse's API for it (FUSE_CAP_PASSTHROUGH,
+ * fuse_passthrough_open()/_close(), fuse_file_info.backing_id and
+ * fuse_conn_info.max_backing_stack_depth) first shipped in 3.17.1: it is
+ * often credited to 3.16, but neither 3.16.1 nor 3.16.2 has it.  So this
+ * file speaks the missing protocol itself:
  *
  *  1. FUSE_INIT: the kernel offers FUSE_PASSTHROUGH; libfuse does not accept
  *     it.  We interpose fuse_session_mount() to give the session a custom io
@@ -18,6 +23,35 @@
  *     struct fuse_file_info cannot express.
  *  3. FUSE_RELEASE: a backing id lives while files opened with it are open
  *     (see struct backing), and is closed after the last release.
+ *
+ * Once libfuse >= 3.17 can be required, this is what replaces each part:
+ *
+ *  1. The custom io (io_read(), io_writev(), write_init_reply(),
+ *     io_splice(), install_io()), the interposed fuse_session_mount(), the
+ *     KX_* protocol copies, pt.dev_fd, pt.init_req and the lookups of
+ *     fuse_session_mount and fuse_session_custom_io all go.  Instead,
+ *     session.c's hooked_ops() also wraps pyfuse3's .init op: after it has
+ *     run, if conn->capable_ext has FUSE_CAP_PASSTHROUGH and the writeback
+ *     cache is not wanted (libfuse does not check that; the kernel ignores
+ *     FUSE_PASSTHROUGH with it), fuse_set_feature_flag(conn,
+ *     FUSE_CAP_PASSTHROUGH).  The default max_backing_stack_depth,
+ *     FUSE_BACKING_STACKED_UNDER, makes libfuse send the max_stack_depth 1
+ *     written here.  probe_backing_open() needs the INIT reply processed,
+ *     which .init precedes: it would move to the first registered open.
+ *  2. backing_get() and backing_put() call fuse_passthrough_open(req, fd)
+ *     (it returns 0 on failure and logs itself) and
+ *     fuse_passthrough_close(req, id) instead of the raw ioctls, so
+ *     passthrough_release() needs wrap_release()'s req.
+ *  3. reply_passthrough() sets backing_id in a copy of the fuse_file_info,
+ *     with keep_cache, nonseekable and direct_io cleared (see there), and
+ *     calls libfuse's fuse_reply_open(), which adds FOPEN_PASSTHROUGH,
+ *     instead of building struct kx_open_out.
+ *
+ * What stays for as long as pyfuse3's FileInfo cannot carry a backing id:
+ * the interposed fuse_reply_open() itself, the registrations from
+ * passthrough_open(), telling FUSE_OPEN from FUSE_OPENDIR replies, one
+ * struct backing per backing file (a kernel rule, not a libfuse one), the
+ * direct_io fallback and the Python calls.
  */
 
 #include "fusehook.h"
