@@ -30,14 +30,14 @@ setup(
             "kexecfs._fusehook",
             # One file per concern: the top of module.c says which holds what.
             sources=[
-                "kexecfs/_fusehook_c/module.c",
-                "kexecfs/_fusehook_c/log.c",
-                "kexecfs/_fusehook_c/session.c",
-                "kexecfs/_fusehook_c/ioctl.c",
-                "kexecfs/_fusehook_c/passthrough.c",
+                "kexecfs/fusehook-c/module.c",
+                "kexecfs/fusehook-c/log.c",
+                "kexecfs/fusehook-c/session.c",
+                "kexecfs/fusehook-c/ioctl.c",
+                "kexecfs/fusehook-c/passthrough.c",
             ],
             # So that a change to it rebuilds the extension, and an sdist ships it.
-            depends=["kexecfs/_fusehook_c/fusehook.h"],
+            depends=["kexecfs/fusehook-c/fusehook.h"],
             extra_compile_args=[*pkg_config("--cflags"), "-Wall", "-Wextra"],
             # -ldl: dlvsym() (part of libc itself since glibc 2.34, harmless there).
             extra_link_args=[*pkg_config("--libs"), "-ldl"],
