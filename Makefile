@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 	fi
 	@touch $@
 
-$(STAMP): .apt.stamp pyproject.toml setup.py kexecfs/_fusehook.c
+$(STAMP): .apt.stamp pyproject.toml setup.py $(wildcard kexecfs/fusehook-c/*.[ch])
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

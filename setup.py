@@ -28,7 +28,16 @@ setup(
     ext_modules=[
         Extension(
             "kexecfs._fusehook",
-            sources=["kexecfs/_fusehook.c"],
+            # One file per concern: the top of module.c says which holds what.
+            sources=[
+                "kexecfs/fusehook-c/module.c",
+                "kexecfs/fusehook-c/log.c",
+                "kexecfs/fusehook-c/session.c",
+                "kexecfs/fusehook-c/ioctl.c",
+                "kexecfs/fusehook-c/passthrough.c",
+            ],
+            # So that a change to it rebuilds the extension, and an sdist ships it.
+            depends=["kexecfs/fusehook-c/fusehook.h"],
             extra_compile_args=[*pkg_config("--cflags"), "-Wall", "-Wextra"],
             # -ldl: dlvsym() (part of libc itself since glibc 2.34, harmless there).
             extra_link_args=[*pkg_config("--libs"), "-ldl"],

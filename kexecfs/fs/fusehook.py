@@ -2,7 +2,7 @@
 caller of each request and FUSE passthrough to pyfuse3.
 
 The extension works by defining ``fuse_session_new`` itself, so that pyfuse3's call
-lands there instead of in libfuse (see the comment at the top of ``_fusehook.c``). That
+lands there instead of in libfuse (see the top of ``fusehook-c/session.c``). That
 only happens if the extension is loaded into the global symbol scope *before* pyfuse3
 is loaded: hence this module must be imported before ``pyfuse3`` anywhere in the
 process. Every kexecfs module that uses pyfuse3 imports this module first.
