@@ -82,7 +82,7 @@ def summarize_profile(path: Path, top: int = 10) -> dict[str, Any]:
         if not frames:
             continue
         self_t[frames[-1]] += n
-        ours = [f for f in frames if "(kexecfs/" in f and not _OUTER.search(f) and "_fusehook.c" not in f]
+        ours = [f for f in frames if "(kexecfs/" in f and not _OUTER.search(f) and "fusehook-c/" not in f]
         owner[ours[-1] if ours else NO_KEXECFS_FUNCTION] += n
     if not total:
         return {"samples": 0, "self": [], "by_kexecfs_function": []}

@@ -1,19 +1,19 @@
 """kexecfs: the live-update filesystem interface proposed for Linux's Live Update
 Orchestrator, built in userspace with FUSE.
 
-Layout (the architecture at a glance):
+Layout (the architecture at a glance): two wings.
 
-- ``machine``   the machine-wide state machine (normal → prepared → frozen → updated)
-- ``instance``  instances (LUO sessions) and the files preserved in them
-- ``kinds/``    one plug-in per preservable file kind: detect, capture, serialize, restore
-- ``capture``   taking a descriptor out of the calling process (pidfd_getfd)
-- ``image``     the handover image: format, atomic writer, checked reader
-- ``abi``       the LUO ioctl ABI: numbers, struct layouts, dispatch table
-- ``fs/``       the FUSE skin: node table and pyfuse3 Operations
-- ``fusehook``  the C extension that adds ioctl and request context to pyfuse3
-- ``daemon``    mounting, the trio main loop, simulated kexec, readiness
-- ``cli``       the ``kexecfs`` command
-- ``client``    a small library services use instead of raw files and ioctls
+- ``core/``      the model, FUSE-free: ``machine`` (the state machine and its one door for
+                 events), ``instance`` (instances, preserved files, what a restore grants),
+                 ``kinds/`` (one plug-in per preservable kind), ``image`` (the handover
+                 image format), ``capture`` (pidfd_getfd), ``errors``, ``faults``, ``syscalls``
+- ``fs/``        the FUSE skin built on it: ``operations`` (pyfuse3, and the swap to the
+                 machine a simulated kexec recovers), ``nodes`` (the tree as a table),
+                 ``textfiles``, ``control`` (ioctls), ``restored`` (fds/<token>), ``daemon``
+                 (mount, main loop, readiness), ``fusehook`` (the C extension's loader)
+- ``abi``        the LUO ioctl ABI: numbers, structs, states, events (standard library only)
+- ``cli``        the ``kexecfs`` command;  ``client``: the library services use
+- ``defaults``   the default mount point and image directory
 """
 
 __version__ = "0.1.0"
