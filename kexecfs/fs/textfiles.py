@@ -8,54 +8,62 @@ the one command, then let the core act; the core raises the errno. The node tabl
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..core.errors import fail
 from ..core.faults import inject
 from ..core.instance import Caller, Instance
+from ..core.machine import LiveUpdate
 from . import fusehook
 
-if TYPE_CHECKING:  # the operations call these functions
-    from .operations import KexecfsOperations
+
+class Served(Protocol):
+    """What these functions need of the operations that call them (which import this module)."""
+
+    machine: LiveUpdate
+    passthrough: bool
+
+    async def run_event(self, event: str, caller: Caller, inst: Instance | None = None) -> None: ...
+
 
 # ------------------------------------------------------------------ shows (reads)
 
 
-def show_global_state(fs: KexecfsOperations, inst: None) -> str:
+def show_global_state(fs: Served, inst: None) -> str:
     return fs.machine.state.word + "\n"
 
 
-def show_instance_state(fs: KexecfsOperations, inst: Instance) -> str:
+def show_instance_state(fs: Served, inst: Instance) -> str:
     return fs.machine.instance_state(inst).word + "\n"
 
 
-def show_status(fs: KexecfsOperations, inst: None) -> str:
+def show_status(fs: Served, inst: None) -> str:
     inject("show_status")
     status = fs.machine.status()
     status["restore"] = "passthrough" if fs.passthrough and fusehook.passthrough_available() else "proxy"
     return "".join(f"{k}: {v}\n" for k, v in status.items())
 
 
-def show_preserved(fs: KexecfsOperations, inst: Instance) -> str:
+def show_preserved(fs: Served, inst: Instance) -> str:
     return inst.listing()
 
 
-def show_max_files(fs: KexecfsOperations, inst: Instance) -> str:
+def show_max_files(fs: Served, inst: Instance) -> str:
     return _limit_text(inst.max_files)
 
 
-def show_max_bytes(fs: KexecfsOperations, inst: Instance) -> str:
+def show_max_bytes(fs: Served, inst: Instance) -> str:
     return _limit_text(inst.max_bytes)
 
 
 # ------------------------------------------------------------------ stores (writes)
 
 
-async def store_event(fs: KexecfsOperations, inst: Instance | None, caller: Caller, command: str) -> None:
+async def store_event(fs: Served, inst: Instance | None, caller: Caller, command: str) -> None:
     await fs.run_event(command, caller, inst)
 
 
-async def store_preserve(fs: KexecfsOperations, inst: Instance, caller: Caller, command: str) -> None:
+async def store_preserve(fs: Served, inst: Instance, caller: Caller, command: str) -> None:
     words = command.split()
     # At most 20 digits (a u64): int() of a megabyte of digits raises, and takes long.
     if len(words) > 2 or not all(w.lstrip("-").isascii() and w.lstrip("-").isdigit() and len(w) <= 20
@@ -64,17 +72,17 @@ async def store_preserve(fs: KexecfsOperations, inst: Instance, caller: Caller, 
     fs.machine.preserve(inst, caller, int(words[0]), int(words[1]) if len(words) == 2 else None)
 
 
-async def store_unpreserve(fs: KexecfsOperations, inst: Instance, caller: Caller, command: str) -> None:
+async def store_unpreserve(fs: Served, inst: Instance, caller: Caller, command: str) -> None:
     if not (command.isascii() and command.isdigit() and len(command) <= 20):
         raise fail(errno.EINVAL, f"fd_unpreserve: {caller} wrote {command[:80]!r}; expected a token")
     fs.machine.unpreserve(inst, caller, int(command))
 
 
-async def store_max_files(fs: KexecfsOperations, inst: Instance, caller: Caller, command: str) -> None:
+async def store_max_files(fs: Served, inst: Instance, caller: Caller, command: str) -> None:
     fs.machine.set_limit(inst, caller, "files", _parse_limit(command, caller, "files.max"))
 
 
-async def store_max_bytes(fs: KexecfsOperations, inst: Instance, caller: Caller, command: str) -> None:
+async def store_max_bytes(fs: Served, inst: Instance, caller: Caller, command: str) -> None:
     fs.machine.set_limit(inst, caller, "bytes", _parse_limit(command, caller, "bytes.max"))
 
 

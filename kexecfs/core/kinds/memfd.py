@@ -5,13 +5,11 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import syscalls
-from . import Kind
+from .base import ContentsReader, ContentsWriter, Kind
 
-if TYPE_CHECKING:  # the image calls the kinds, so they may not import it back
-    from ..image import HandoverImage, ImageWriter
 
 _MFD_PREFIX, _MFD_SUFFIX = "/memfd:", " (deleted)"
 
@@ -46,7 +44,7 @@ class Memfd(Kind):
                 "flags": fcntl.fcntl(fd, fcntl.F_GETFL), "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS),
                 "name": memfd_name(fd), "mode": stat.S_IMODE(st.st_mode)}
 
-    def serialize(self, fd: int, writer: ImageWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
+    def serialize(self, fd: int, writer: ContentsWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
         record = self.capture(fd)
         # Read through a private open file of the same inode: finding holes moves the
         # file offset (SEEK_DATA), and ``fd`` shares its offset with the service. It
@@ -75,7 +73,7 @@ class Memfd(Kind):
                 return f"extent at {extent[0]} of {extent[1]} bytes goes beyond the size {record['size']}"
         return None
 
-    def restore(self, record: dict[str, Any], image: HandoverImage) -> int:
+    def restore(self, record: dict[str, Any], image: ContentsReader) -> int:
         fd = os.memfd_create(record.get("name", "kexecfs"), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, record["size"])

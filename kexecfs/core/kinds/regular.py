@@ -10,14 +10,12 @@ import errno
 import fcntl
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import fail
 from .. import syscalls
-from . import Kind, non_persistent
+from .base import ContentsReader, ContentsWriter, Kind, non_persistent
 
-if TYPE_CHECKING:  # the image calls the kinds, so they may not import it back
-    from ..image import HandoverImage, ImageWriter
 
 # The open flags that describe how the file was open, as opposed to how it was opened.
 _KEPT_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | getattr(os, "O_DIRECT", 0)
@@ -45,7 +43,7 @@ class RegularFile(Kind):
             pass  # filesystems without export support: the path alone will have to do
         return record
 
-    def serialize(self, fd: int, writer: ImageWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
+    def serialize(self, fd: int, writer: ContentsWriter, previous: dict[str, Any] | None) -> dict[str, Any]:
         return self.capture(fd)
 
     def check_record(self, record: dict[str, Any]) -> str | None:
@@ -62,7 +60,7 @@ class RegularFile(Kind):
             return "file handle incomplete or longer than MAX_HANDLE_SZ"
         return None
 
-    def restore(self, record: dict[str, Any], image: HandoverImage) -> int:
+    def restore(self, record: dict[str, Any], image: ContentsReader) -> int:
         flags = record["flags"] | os.O_CLOEXEC
         fd = self._open_by_handle(record, flags)
         if fd is None:
