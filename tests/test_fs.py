@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, Daemon, sh
+from conftest import NOBODY, OTHERS_PYTHON, Daemon, sh
 
 
 
@@ -21,10 +21,9 @@ from conftest import NOBODY, Daemon, sh
 
 def with_memfd(script: str, data: bytes = b"guest memory\n", fd: int = 5, **kw) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in bash with a memfd holding ``data`` open as descriptor ``fd``."""
-    # The system python: the venv's interpreter may live where other uids cannot reach.
     launcher = (f"import os,sys; m=os.memfd_create('guest-ram', os.MFD_ALLOW_SEALING); os.write(m,{data!r}); "
                 f"os.dup2(m,{fd}); os.execvp('bash',['bash','-c',sys.argv[1]])")
-    return sh(f"exec /usr/bin/python3 -c {_q(launcher)} {_q(script)}", **kw)
+    return sh(f"exec {OTHERS_PYTHON} -c {_q(launcher)} {_q(script)}", **kw)
 
 
 def _q(text: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSE_SKIP, NOBODY, ROOT, Daemon, sh
+from conftest import FUSE_SKIP, NOBODY, OTHERS_PYTHON, ROOT, Daemon, others_env, public_copy, sh
 
 VENV_BIN = Path(sys.executable).parent
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
@@ -191,9 +191,9 @@ set -e
 mount --bind {mnt}/ctr {tmp_path}/lu
 umount -l {mnt}          # the container keeps only its bind mount of one instance
 echo "parent of lu: $(ls -A {tmp_path}/lu/.. | tr '\\n' ' ')"
-exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups /usr/bin/python3 - <<'PY'
+exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups {OTHERS_PYTHON} - <<'PY'
 import os, sys
-sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {str(public_copy())!r})
 from pathlib import Path
 from kexecfs.client import Instance
 lu = Path({str(tmp_path / 'lu')!r})
@@ -243,9 +243,8 @@ def test_example_service_keeps_its_memfd_across_kexecs(daemon: Daemon) -> None:
 
     def start_service() -> subprocess.Popen[str]:
         return subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                                 "/usr/bin/python3", str(ROOT / "examples/keep_memfd.py"), str(mnt / "example")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]})
+                                 OTHERS_PYTHON, str(public_copy("examples/keep_memfd.py")), str(mnt / "example")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=others_env())
 
     outputs = []
     for _ in range(3):

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from hardlib import IMAGE, FaultyDaemon, listing, needs_fuse, sh_state_event, sha256_fd, state, write_errno
+from hardlib import (IMAGE, OTHERS_PYTHON, FaultyDaemon, listing, needs_fuse, public_copy, sh_state_event, sha256_fd,
+                     state, write_errno)
 from kexecfs.image import HandoverImage
 
 pytestmark = needs_fuse
 
-WORKER = Path(__file__).resolve().parent / "load_worker.py"
 OWNERS = [3000, 3001, 3002, 3003]
 
 
@@ -58,8 +58,8 @@ def run_load(tmp_path: Path, clients: int, ops: int, space: int) -> None:
         for c in range(clients):
             i = c % len(OWNERS)
             procs.append((names[i], subprocess.Popen(
-                ["setpriv", f"--reuid={OWNERS[i]}", f"--regid={OWNERS[i]}", "--clear-groups", "/usr/bin/python3",
-                 str(WORKER), str(mnt / names[i]), str(c), str(ops), str(space)],
+                ["setpriv", f"--reuid={OWNERS[i]}", f"--regid={OWNERS[i]}", "--clear-groups", OTHERS_PYTHON,
+                 str(public_copy("tests/hard/load_worker.py")), str(mnt / names[i]), str(c), str(ops), str(space)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         driver.start()
         results: dict[str, list[dict]] = collections.defaultdict(list)  # type: ignore[type-arg]
