@@ -146,7 +146,7 @@ def run_load(tmp_path: Path, clients: int, ops: int, space: int, cycles: int) ->
     d.check_log()
 
 
-@pytest.mark.hard
+@pytest.mark.nondeterministic
 def test_32_clients_thousands_of_files(tmp_path: Path) -> None:
     run_load(tmp_path, clients=32, ops=200, space=600, cycles=40)
 
