@@ -161,11 +161,10 @@ def public_copy(rel: str = "") -> Path:
     return _public_copy_path / rel
 
 
-def others_env(**extra: str) -> dict[str, str]:
+def others_env() -> dict[str, str]:
     """The environment of a process run as another uid: the public copy of kexecfs on
     its path, nothing of the checkout or the venv."""
-    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PYTHONPATH": str(public_copy()),
-            **extra}
+    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PYTHONPATH": str(public_copy())}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -174,20 +173,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def _public_base() -> Path:
-    return public_base()
-
-
 @pytest.fixture
-def tmp_path(request: pytest.FixtureRequest, _public_base: Path) -> Path:
+def tmp_path(request: pytest.FixtureRequest) -> Path:
     """A per-test directory the unprivileged test uids can traverse.
 
     Replaces pytest's own: pytest keeps its temporary directories below a 0700
     directory, which it resets to 0700 whenever a pytest session starts, so a test's
     mount could become unreachable for other uids in the middle of the test.
     """
-    path = Path(tempfile.mkdtemp(prefix=re.sub(r"\W", "_", request.node.name)[:40] + "-", dir=_public_base))
+    path = Path(tempfile.mkdtemp(prefix=re.sub(r"\W", "_", request.node.name)[:40] + "-", dir=public_base()))
     os.chmod(path, 0o711)
     return path
 
