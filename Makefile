@@ -8,7 +8,7 @@ IMAGE_DIR ?= /var/lib/kexecfs
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev util-linux systemd
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run stop test test-hard bench install clean
+.PHONY: setup run stop test test-hard test-luo bench install clean
 
 # System packages: only what is missing, so a set-up machine needs no network.
 .apt.stamp:
@@ -45,10 +45,17 @@ stop:
 # make test: all but the long nondeterministic runs (see the markers in pyproject.toml);
 # the same inputs give the same run, so CI can take it. make test-hard: everything.
 test: setup
-	$(PY) -m pytest -q tests -m 'not nondeterministic'
+	$(PY) -m pytest -q tests -m 'not nondeterministic and not kernel_selftests'
 
 test-hard: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m 'not kernel_selftests'
+
+# The kernel's 6.19 LUO selftests, unmodified, under kexecfs run. DIR holds a built
+# liveupdate and luo_kexec_simple (a kernel tree's selftests build, or
+# make -C ../shared/luo OUT=DIR).
+test-luo: setup
+	@test -n "$(LUO_SELFTESTS)" || { echo "make test-luo LUO_SELFTESTS=DIR (see tests/test_luo_selftests.py)"; exit 2; }
+	LUO_SELFTESTS=$(abspath $(LUO_SELFTESTS)) $(PY) -m pytest -q -s tests/test_luo_selftests.py -m kernel_selftests
 
 # The bench extra (matplotlib for the plot, py-spy for profiles) only for make bench.
 BENCH_STAMP := $(VENV)/.installed-bench

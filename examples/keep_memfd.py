@@ -13,14 +13,14 @@ import os
 import sys
 from pathlib import Path
 
-from kexecfs.client import Instance
+from kexecfs.client import InstanceDir
 
 TOKEN = 1
 SIZE = 4096
 
 
 def main(instance_dir: str) -> None:
-    svc = Instance(Path(instance_dir))
+    svc = InstanceDir(Path(instance_dir))
     if svc.state() == "updated" and any(p.token == TOKEN for p in svc.preserved()):
         memfd = svc.restore(TOKEN)
         starts = int.from_bytes(os.pread(memfd, 8, 0), "little")

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/types.h>
 #include <sys/xattr.h>
@@ -99,6 +100,101 @@ static inline int kexecfs_restore(int instance_dir_fd, uint64_t token, int flags
 		}
 	}
 	return fd;
+}
+
+
+/*
+ * The merged LUO API (Linux 6.19 sessions), beside v1: the same definitions as the
+ * kernel's <linux/liveupdate.h> (skipped if it was included first). On kexecfs the
+ * top-level control is /dev/liveupdate and an instance's control is a session fd.
+ * CREATE_SESSION, RETRIEVE_SESSION and SESSION_RETRIEVE_FD return descriptors: run the
+ * program under "kexecfs run", or use kexecfs_create_session() and friends below.
+ */
+#ifndef _LIVEUPDATE_H
+#define LIVEUPDATE_SESSION_NAME_LENGTH 64
+
+struct liveupdate_ioctl_create_session {
+	uint32_t size;	/* in: sizeof the struct */
+	int32_t fd;	/* out: the session fd */
+	uint8_t name[LIVEUPDATE_SESSION_NAME_LENGTH];	/* in: NUL-terminated, 1-63 bytes */
+};
+#define liveupdate_ioctl_retrieve_session liveupdate_ioctl_create_session
+
+struct liveupdate_session_preserve_fd {
+	uint32_t size;
+	int32_t fd;	/* in (PRESERVE_FD) or out (RETRIEVE_FD) */
+	uint64_t token __attribute__((aligned(8)));
+};
+#define liveupdate_session_retrieve_fd liveupdate_session_preserve_fd
+
+struct liveupdate_session_finish {
+	uint32_t size;
+	uint32_t reserved;	/* must be 0 */
+};
+
+struct liveupdate_session_get_name {
+	uint32_t size;
+	uint32_t reserved;	/* must be 0 */
+	uint8_t name[LIVEUPDATE_SESSION_NAME_LENGTH];	/* out */
+};
+
+#define LIVEUPDATE_IOCTL_CREATE_SESSION   _IO(0xBA, 0x00)	/* EEXIST; EINVAL empty or unterminated name */
+#define LIVEUPDATE_IOCTL_RETRIEVE_SESSION _IO(0xBA, 0x01)	/* ENOENT unknown; EINVAL retrieved already */
+#define LIVEUPDATE_SESSION_PRESERVE_FD    _IO(0xBA, 0x40)	/* EEXIST EBADF ENOENT EBUSY */
+#define LIVEUPDATE_SESSION_RETRIEVE_FD    _IO(0xBA, 0x41)	/* ENOENT; a new O_CLOEXEC fd, offset 0 */
+#define LIVEUPDATE_SESSION_FINISH         _IO(0xBA, 0x42)	/* EBUSY EINVAL */
+#define LIVEUPDATE_SESSION_GET_NAME       _IO(0xBA, 0x43)
+#endif
+
+_Static_assert(sizeof(struct liveupdate_ioctl_create_session) == 72, "create_session is 72 bytes");
+_Static_assert(sizeof(struct liveupdate_session_preserve_fd) == 16, "preserve_fd is 16 bytes");
+
+/* kexecfs run's own numbers (see kexecfs/abi.py): the same structs; the daemon does the
+ * work and the caller opens the session's control (or fds/<token>) itself. */
+#define KEXECFS_RUN_CREATE_SESSION   _IO(0xBA, 0x80)
+#define KEXECFS_RUN_RETRIEVE_SESSION _IO(0xBA, 0x81)
+#define KEXECFS_RUN_RETRIEVE_FD      _IO(0xBA, 0x82)
+
+/*
+ * A session fd without kexecfs run: CREATE_SESSION (retrieve = 0) or RETRIEVE_SESSION
+ * (retrieve = 1) of `name` through the top-level control `dev_fd` of the mount at
+ * `mount`. Names outside [A-Za-z0-9._-] appear escaped in the tree (%XX); this helper
+ * takes those names only (-1, EINVAL otherwise): kexecfs.client takes every name.
+ */
+static inline int kexecfs_open_session(int dev_fd, const char *mount, const char *name, int retrieve)
+{
+	struct liveupdate_ioctl_create_session arg = { .size = sizeof(arg) };
+	char path[4096];
+	size_t i, n = strlen(name);
+
+	if (n == 0 || n >= sizeof(arg.name) || name[0] == '.') {
+		errno = EINVAL;
+		return -1;
+	}
+	for (i = 0; i < n; i++)
+		if (!((name[i] >= 'a' && name[i] <= 'z') || (name[i] >= 'A' && name[i] <= 'Z') ||
+		      (name[i] >= '0' && name[i] <= '9') || strchr("._-", name[i]))) {
+			errno = EINVAL;
+			return -1;
+		}
+	memcpy(arg.name, name, n);
+	if (ioctl(dev_fd, retrieve ? KEXECFS_RUN_RETRIEVE_SESSION : KEXECFS_RUN_CREATE_SESSION, &arg) < 0)
+		return -1;
+	snprintf(path, sizeof(path), "%s/%s/control", mount, name);
+	return open(path, O_RDWR | O_CLOEXEC);
+}
+
+/* SESSION_RETRIEVE_FD without kexecfs run: the restored file `token` of the session whose
+ * instance directory is `instance_dir`, opened with `flags` (at most the preserved access). */
+static inline int kexecfs_session_retrieve_fd(int session_fd, const char *instance_dir, uint64_t token, int flags)
+{
+	struct liveupdate_session_preserve_fd arg = { .size = sizeof(arg), .fd = -1, .token = token };
+	char path[4096];
+
+	if (ioctl(session_fd, KEXECFS_RUN_RETRIEVE_FD, &arg) < 0)
+		return -1;
+	snprintf(path, sizeof(path), "%s/fds/%llu", instance_dir, (unsigned long long)token);
+	return open(path, flags | O_CLOEXEC);
 }
 
 #endif /* KEXECFS_H */

@@ -14,6 +14,7 @@ the files where a FUSE server cannot do what ``/dev/liveupdate`` does (restore o
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -21,12 +22,16 @@ import select
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import abi
+from .core.names import directory_name
 from .core.syscalls import FUSE_SUPER_MAGIC, statfs_type
 from .defaults import DEFAULT_MOUNTPOINT
 
 STATES = {number: word for word, number in abi.STATE_NUMBERS.items()}
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
 class NotKexecfs(OSError):
@@ -72,7 +77,7 @@ def _wait(state_file: Path, want: str | None, timeout: float | None) -> str:
         os.close(fd)
 
 
-class Instance:
+class InstanceDir:
     """One instance directory: what a service holds, the way a LUO session does."""
 
     def __init__(self, path: Path) -> None:
@@ -157,14 +162,22 @@ class Kexecfs:
         self.path = Path(mount)
         _check_mount(self.path)
 
-    def create_instance(self, name: str) -> Instance:
+    def create_instance(self, name: str) -> InstanceDir:
         (self.path / name).mkdir()
-        return Instance(self.path / name)
+        return InstanceDir(self.path / name)
 
-    def instance(self, name: str) -> Instance:
+    def create_session(self, name: str | bytes) -> Session:
+        """CREATE_SESSION: a new session (any name LUO takes: 1-63 bytes without NUL)."""
+        return _open_session(self.path, abi.RUN_CREATE_SESSION, name)
+
+    def retrieve_session(self, name: str | bytes) -> Session:
+        """RETRIEVE_SESSION, after a kexec: the session of that name, once."""
+        return _open_session(self.path, abi.RUN_RETRIEVE_SESSION, name)
+
+    def instance(self, name: str) -> InstanceDir:
         if not (self.path / name).is_dir():
             raise FileNotFoundError(errno.ENOENT, f"no instance {name!r} in {self.path}")
-        return Instance(self.path / name)
+        return InstanceDir(self.path / name)
 
     def delete_instance(self, name: str) -> None:
         (self.path / name).rmdir()
@@ -186,6 +199,74 @@ class Kexecfs:
     def status(self) -> dict[str, str]:
         lines = (self.path / "status").read_text().splitlines()
         return dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "") for line in lines)
+
+
+class Session:
+    """A LUO session (Linux 6.19's API) on kexecfs: an instance used through its session fd.
+
+    Where ``/dev/liveupdate`` would hand back descriptors, this process does it itself
+    (what ``kexecfs run`` does for unmodified programs): it asks the daemon with kexecfs
+    run's numbers, then opens the session's ``control`` or ``fds/<token>``. Closing a
+    created session unpreserves its files; closing a retrieved one finishes it::
+
+        with Kexecfs().create_session("db") as db:
+            db.preserve(memfd, 0x1A)
+            ...                            # kept open across prepare/freeze/kexec
+        with Kexecfs().retrieve_session("db") as db:   # after the kexec
+            fd = db.retrieve(0x1A)
+            db.finish()
+    """
+
+    def __init__(self, mount: Path, directory: str, fd: int) -> None:
+        self.path = mount / directory
+        self.fd = fd  # the session fd: an open instance control, bound to this session
+
+    def preserve(self, fd: int, token: int) -> None:
+        _session_ioctl(self.fd, abi.SESSION_PRESERVE_FD, abi.SESSION_FD, (abi.SESSION_FD.size, fd, token))
+
+    def retrieve(self, token: int) -> int:
+        """A new descriptor (O_CLOEXEC) of restored file ``token``, at offset 0."""
+        _session_ioctl(self.fd, abi.RUN_RETRIEVE_FD, abi.SESSION_FD, (abi.SESSION_FD.size, -1, token))
+        access = next((p.flags for p in InstanceDir(self.path).preserved() if p.token == token), "rw")
+        return os.open(self.path / "fds" / str(token), _open_flags(access) | os.O_CLOEXEC)
+
+    def finish(self) -> None:
+        _session_ioctl(self.fd, abi.SESSION_FINISH, abi.SESSION_FINISH_ARG, (abi.SESSION_FINISH_ARG.size, 0))
+
+    def name(self) -> bytes:
+        out = _session_ioctl(self.fd, abi.SESSION_GET_NAME, abi.SESSION_NAME, (abi.SESSION_NAME.size, 0, b""))
+        return out[2].split(b"\0", 1)[0]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _session_ioctl(fd: int, cmd: int, layout: Any, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An ``_IO`` command whose struct the daemon reads and writes in this process's memory."""
+    buf = ctypes.create_string_buffer(layout.pack(*values), layout.size)
+    if _libc.ioctl(fd, cmd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return layout.unpack(buf.raw)
+
+
+def _open_session(mount: Path, cmd: int, name: str | bytes) -> Session:
+    raw = name.encode() if isinstance(name, str) else name
+    directory = directory_name(raw)  # EINVAL for a name LUO refuses, before asking
+    top = os.open(mount / "control", os.O_RDWR | os.O_CLOEXEC)  # /dev/liveupdate: exclusive, so briefly
+    try:
+        _session_ioctl(top, cmd, abi.SESSION, (abi.SESSION.size, -1, raw))
+        return Session(mount, directory, os.open(mount / directory / "control", os.O_RDWR | os.O_CLOEXEC))
+    finally:
+        os.close(top)
 
 
 def _open_flags(access: str) -> int:

@@ -195,10 +195,10 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups {OTHERS_PYTHON} - 
 import os, sys
 sys.path.insert(0, {str(public_copy())!r})
 from pathlib import Path
-from kexecfs.client import Instance
+from kexecfs.client import InstanceDir
 lu = Path({str(tmp_path / 'lu')!r})
 print("mount visible:", sorted(os.listdir({str(mnt)!r})))
-svc = Instance(lu)
+svc = InstanceDir(lu)
 m = os.memfd_create("ctr-ram")
 os.write(m, b"container memory " * 1000)
 with open(lu / "fd_preserve", "w") as f:

@@ -1,8 +1,9 @@
 """Deterministic fault injection, for the crash and error tests only.
 
 ``KEXECFS_FAULTS="point[=action[@n]],..."`` in the daemon's environment arms named
-points; ``action`` is ``raise`` (the default: an unexpected exception) or ``kill``
-(SIGKILL the daemon right there, as a crash would). ``@n`` lets the first ``n - 1``
+points; ``action`` is ``raise`` (the default: an unexpected exception), ``kill``
+(SIGKILL the daemon right there, as a crash would) or ``delay`` (for points read with
+:func:`delay`: hold the request half a second, as a loaded machine would). ``@n`` lets the first ``n - 1``
 passes through the point go by and acts from the ``n``-th on, so that a test can crash
 at, say, the third file of a prepare. Unset, :func:`inject` is one dict lookup.
 """
@@ -27,6 +28,12 @@ _ARMED = _parse(os.environ.get("KEXECFS_FAULTS", ""))
 
 class InjectedFault(RuntimeError):
     """Raised at an armed point; never caught by kexecfs except as 'unexpected'."""
+
+
+def delay(point: str) -> float:
+    """Seconds to hold the request at ``point`` (0 unless armed with ``delay``)."""
+    armed = _ARMED.get(point)
+    return 0.5 if armed is not None and armed[0] == "delay" else 0.0
 
 
 def inject(point: str) -> None:

@@ -46,7 +46,8 @@ FILE = stat.S_IFREG
 
 NODES: tuple[Node, ...] = (
     Node("state", G, 2, FILE | 0o644, show=t.show_global_state, store=t.store_event, pollable=True),
-    Node("control", G, 3, FILE | 0o644, control=True),
+    # /dev/liveupdate: every uid may open it; what each may do there is the core's to say.
+    Node("control", G, 3, FILE | 0o666, control=True),
     Node("status", G, 4, FILE | 0o444, show=t.show_status),
     Node("state", I, 1, FILE | 0o644, show=t.show_instance_state, store=t.store_event, pollable=True),
     Node("fd_preserve", I, 2, FILE | 0o644, show=t.show_preserved, store=t.store_preserve),

@@ -27,6 +27,7 @@ import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
 from ..core.errors import fail, refusal  # noqa: E402
+from ..core.faults import delay  # noqa: E402
 from ..core.instance import Caller, Instance, PreservedFile  # noqa: E402
 from ..core.machine import INO_STRIDE, SLOW_EVENTS, LiveUpdate, State  # noqa: E402
 from . import restored, sessions  # noqa: E402
@@ -412,6 +413,8 @@ class KexecfsOperations(pyfuse3.Operations):
     @handler
     async def release(self, fh: int) -> None:
         pid, uid, gid = fusehook.last_request_ctx()
+        if pause := delay("release"):
+            await trio.sleep(pause)
         h = self.handles.pop(fh, None)
         self.device_lock.release(fh)
         if h is not None and h.restored_fd >= 0:

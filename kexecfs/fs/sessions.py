@@ -156,6 +156,10 @@ def unknown(cmd: int, inst: Instance | None) -> int:
 class DeviceLock:
     """``/dev/liveupdate`` is exclusive: a second open is EBUSY until the first is closed.
 
+    The kernel's device is root's alone. kexecfs's may be opened by every uid (an owner's
+    session adopts the instance root delegated to it), so the lock is one per uid: no
+    user can hold the device against root or against another user.
+
     FUSE sends RELEASE asynchronously, so a process that closes the top-level control and
     another that opens it at once (the selftests fork one process per test) could see
     the old holder still registered. Before answering EBUSY the lock therefore asks
@@ -166,28 +170,32 @@ class DeviceLock:
     def __init__(self, ino: int) -> None:
         self.ino = ino
         self.device: str | None = None  # "major:minor" of this mount, set once mounted
-        self.holder: int | None = None  # the fh of the open that holds it
+        self.holders: dict[int, int] = {}  # uid -> the fh of the open that holds it
 
     def take(self, fh: int, caller: Caller, handles: dict[int, Any]) -> None:
-        if self.holder is not None and self.holder in handles and self._still_open():
+        holder = self.holders.get(caller.uid)
+        if holder is not None and holder in handles and self._still_open(caller.uid):
             raise fail(errno.EBUSY, f"open of the top-level control by {caller}: /dev/liveupdate is "
-                                    f"exclusive, and another open of it is not closed yet")
-        self.holder = fh
+                                    f"exclusive, and uid {caller.uid}'s other open of it is not closed yet")
+        self.holders[caller.uid] = fh
 
     def release(self, fh: int) -> None:
-        if self.holder == fh:
-            self.holder = None
+        for uid, holder in list(self.holders.items()):
+            if holder == fh:
+                del self.holders[uid]
 
-    def _still_open(self) -> bool:
+    def _still_open(self, uid: int) -> bool:
         if self.device is None:
             return True
         for proc in Path("/proc").iterdir():
-            if proc.name.isdigit() and self._held_by(proc):
+            if proc.name.isdigit() and self._held_by(proc, uid):
                 return True
         return False
 
-    def _held_by(self, proc: Any) -> bool:
+    def _held_by(self, proc: Any, uid: int) -> bool:
         try:
+            if proc.stat().st_uid != uid:  # /proc/PID belongs to the process's effective uid
+                return False
             mounts = None
             for info in (proc / "fdinfo").iterdir():
                 text = info.read_text()
