@@ -19,6 +19,7 @@ import errno
 import fcntl
 import os
 import select
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,8 +226,14 @@ class Session:
         _session_ioctl(self.fd, abi.SESSION_PRESERVE_FD, abi.SESSION_FD, (abi.SESSION_FD.size, fd, token))
 
     def retrieve(self, token: int) -> int:
-        """A new descriptor (O_CLOEXEC) of restored file ``token``, at offset 0."""
-        _session_ioctl(self.fd, abi.RUN_RETRIEVE_FD, abi.SESSION_FD, (abi.SESSION_FD.size, -1, token))
+        """A new descriptor (O_CLOEXEC) of restored file ``token``, at offset 0: the file
+        itself, sent by the daemon (``fds/<token>`` for a file preserved O_APPEND)."""
+        mine, daemons = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with mine, daemons:
+            out = _session_ioctl(self.fd, abi.RUN_RETRIEVE_FD, abi.SESSION_FD,
+                                 (abi.SESSION_FD.size, daemons.fileno(), token))
+            if out[1] == 0:
+                return socket.recv_fds(mine, 16, 1, socket.MSG_CMSG_CLOEXEC)[1][0]
         access = next((p.flags for p in InstanceDir(self.path).preserved() if p.token == token), "rw")
         return os.open(self.path / "fds" / str(token), _open_flags(access) | os.O_CLOEXEC)
 

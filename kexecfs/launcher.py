@@ -225,33 +225,45 @@ class Launcher:
                       ptr: int) -> int:
         (usize,) = struct.unpack("=I", read_memory(tid, ptr, 4))
         raw = read_memory(tid, ptr, min(max(usize, 4), _STRUCT_CAP))
+        if cmd == abi.SESSION_RETRIEVE_FD:
+            token = struct.unpack_from("=Q", raw, 8)[0] if len(raw) >= abi.SESSION_FD.size else 0
+            return self._retrieve_fd(listener, notif_id, tid, theirs, self._instance_dir(ino), token, raw, ptr + 4)
         buf = ctypes.create_string_buffer(raw, len(raw))
         if _libc.ioctl(theirs, abi.INTERCEPTED[cmd], buf) != 0:
             return -ctypes.get_errno()
-        layout = abi.SESSION_COMMANDS[cmd].layout
-        values = layout.unpack(buf.raw[:layout.size])
-        if cmd == abi.SESSION_RETRIEVE_FD:
-            path = self._instance_dir(ino) / "fds" / str(values[2])
-            flags = _open_flags(_listed_access(self._instance_dir(ino), values[2]))
-        else:
-            path = self.mount / directory_name(values[2].split(b"\0", 1)[0]) / "control"
-            flags = os.O_RDWR
-        return self._install(listener, notif_id, tid, path, flags, ptr + 4)
+        name = abi.SESSION.unpack(buf.raw[:abi.SESSION.size])[2].split(b"\0", 1)[0]
+        session = os.open(self.mount / directory_name(name) / "control", os.O_RDWR | os.O_CLOEXEC)
+        return self._install(listener, notif_id, tid, session, ptr + 4)
 
     def _v1_restore(self, listener: int, notif_id: int, tid: int, theirs: int, ino: int, ptr: int) -> int:
         _fd, _flags, token = abi.LIVEUPDATE_FD.unpack(read_memory(tid, ptr, abi.LIVEUPDATE_FD.size))
-        buf = ctypes.create_string_buffer(abi.SESSION_FD.pack(abi.SESSION_FD.size, -1, token), abi.SESSION_FD.size)
-        if _libc.ioctl(theirs, abi.RUN_RETRIEVE_FD, buf) != 0:
-            return -ctypes.get_errno()
         directory = self.mount / "default" if ino == _TOP_CONTROL_INO else self._instance_dir(ino)
-        flags = _open_flags(_listed_access(directory, token))
-        return self._install(listener, notif_id, tid, directory / "fds" / str(token), flags, ptr)
+        raw = abi.SESSION_FD.pack(abi.SESSION_FD.size, -1, token)
+        return self._retrieve_fd(listener, notif_id, tid, theirs, directory, token, raw, ptr)
 
-    def _install(self, listener: int, notif_id: int, tid: int, path: Path, flags: int, fd_field: int) -> int:
-        """Open ``path`` and give it to the caller; its number goes to the caller's ``fd_field``."""
-        write_memory(tid, fd_field, read_memory(tid, fd_field, 4))  # writable, before anything is installed
-        ours = os.open(path, flags | os.O_CLOEXEC)
+    def _retrieve_fd(self, listener: int, notif_id: int, tid: int, theirs: int, directory: Path, token: int,
+                     raw: bytes, fd_field: int) -> int:
+        """The restored file: sent by the daemon over a socket pair (the file itself), or,
+        for a file preserved O_APPEND, ``fds/<token>`` opened with the preserved access."""
+        mine, daemons = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with mine, daemons:
+            buf = ctypes.create_string_buffer(raw, len(raw))
+            if len(raw) >= abi.SESSION_FD.size:  # (a shorter one is the daemon's to refuse: EINVAL)
+                struct.pack_into("=i", buf, 4, daemons.fileno())
+            if _libc.ioctl(theirs, abi.RUN_RETRIEVE_FD, buf) != 0:
+                return -ctypes.get_errno()
+            if struct.unpack_from("=i", buf.raw, 4)[0] == 0:
+                _msg, fds, _flags, _addr = socket.recv_fds(mine, 16, 1, socket.MSG_CMSG_CLOEXEC)
+                restored = fds[0]
+            else:
+                access = _open_flags(_listed_access(directory, token))
+                restored = os.open(directory / "fds" / str(token), access | os.O_CLOEXEC)
+        return self._install(listener, notif_id, tid, restored, fd_field)
+
+    def _install(self, listener: int, notif_id: int, tid: int, ours: int, fd_field: int) -> int:
+        """Give ``ours`` (closed here) to the caller; its number goes to the caller's ``fd_field``."""
         try:
+            write_memory(tid, fd_field, read_memory(tid, fd_field, 4))  # writable, before anything is installed
             if _libc.ioctl(listener, _IOCTL_NOTIF_ID_VALID, ctypes.byref(ctypes.c_uint64(notif_id))) != 0:
                 return -errno.ESRCH  # the caller is gone: nothing to install into
             addfd = ctypes.create_string_buffer(_ADDFD.pack(notif_id, 0, ours, 0, os.O_CLOEXEC), _ADDFD.size)

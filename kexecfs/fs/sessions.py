@@ -17,11 +17,14 @@ and the log names ``kexecfs run``.
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import abi
+from ..core.capture import take_descriptor
 from ..core.errors import KexecfsError, fail
 from ..core.instance import Caller, Instance
 from ..core.syscalls import read_memory, write_memory
@@ -96,11 +99,29 @@ def preserve_fd(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v:
 
 
 def retrieve_fd(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
+    """RUN_RETRIEVE_FD's ``fd`` is a unix socket of the caller's: the restored file itself
+    (a new open file of it, with exactly the preserved access, at offset 0) comes back over
+    it, as the kernel hands back the memfd and not a stand-in (shared mmap and F_GET_SEALS
+    work on every kernel). The reply's ``fd`` is 0 then; -1 means "open fds/<token>",
+    for files preserved O_APPEND, whose append only the daemon can hold."""
     target = inst if inst is not None else fs.machine.default_instance(caller)  # v1 FD_RESTORE at the top
-    fs.machine.restore(target, caller, v[2])  # ENOENT, EBUSY, EACCES before anything else
+    pf = fs.machine.restore(target, caller, v[2])  # ENOENT, EBUSY, EACCES before anything else
     if not run:
         raise _needs_run(caller, "SESSION_RETRIEVE_FD")
-    return v  # the launcher opens fds/<token> itself, with the preserved access
+    if pf.appends or v[1] < 0:
+        return v[0], -1, v[2]
+    channel = socket.socket(fileno=take_descriptor(caller.pid, v[1]))
+    try:
+        if channel.family != socket.AF_UNIX:
+            raise fail(errno.EINVAL, f"{caller}: RUN_RETRIEVE_FD's fd must be a unix socket")
+        restored = pf.reopen(pf.preserved_flags & os.O_ACCMODE)
+        try:
+            socket.send_fds(channel, [b"f"], [restored])
+        finally:
+            os.close(restored)
+    finally:
+        channel.close()
+    return v[0], 0, v[2]
 
 
 def finish(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:

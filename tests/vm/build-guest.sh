@@ -240,6 +240,8 @@ build_root() {
     cp -a "$OUT/kernel/mods/lib/modules/$kver" "$t/usr/lib/modules/"
     install -m 755 "$HERE/guest/kxvm-init" "$t/usr/sbin/kxvm-init"
     install -m 755 "$HERE/guest/service.py" "$t/usr/local/lib/kxvm/service.py"
+    # the kernel's LUO selftests, an outside client run across the kexec (kxvm-init)
+    cp -a "$OUT/luo" "$t/usr/local/lib/kxvm/luo"
     # the project's units (kxvm-init runs the freeze hook's commands) and the mount
     # helper script, from the same snapshot of the sources as the wheel
     if [ -n "$py" ]; then
@@ -301,7 +303,20 @@ if [ "$WITH_PROJECT" = 1 ]; then
     H_PROJ=$h
 fi
 
-h=$( { echo "$H_STUB $H_BASE $H_DEPS $H_PROJ"; cat "$HERE"/guest/*; declare -f build_root install_wheels; } | sha)
+# The kernel's 6.19 LUO selftests (../shared/luo, unmodified), linked statically: the guest
+# runs them under kexecfs run, stage 1 before the kexec and stage 2 after it.
+LUO_KIT=${KXVM_LUO_KIT:-$REPO/../shared/luo}
+[ -f "$LUO_KIT/Makefile" ] || die "no LUO selftest kit at $LUO_KIT (set KXVM_LUO_KIT)"
+h=$( { find "$LUO_KIT" -type f | LC_ALL=C sort | while IFS= read -r f; do echo "$f"; sha256sum < "$f"; done; } | sha)
+if ! stamp_ok luo "$h" || [ ! -x "$OUT/luo/luo_kexec_simple" ]; then
+    log "LUO selftests: building (static)"
+    rm -rf "$OUT/luo"
+    make -s -C "$LUO_KIT" OUT="$OUT/luo" CFLAGS="-Wall -O2 -static" >&2 || die "building the LUO selftests failed"
+    stamp_set luo "$h"
+fi
+H_LUO=$h
+
+h=$( { echo "$H_STUB $H_BASE $H_DEPS $H_PROJ $H_LUO"; cat "$HERE"/guest/*; declare -f build_root install_wheels; } | sha)
 if ! stamp_ok root "$h" || [ ! -f "$OUT/root.ext4" ]; then
     log "root.ext4: building"; build_root "$PYB" "$KVER"; stamp_set root "$h"
 fi

@@ -118,7 +118,7 @@ def watch(proc, variant, standin, t0, timeout, verbose, accname, rundir):
         lines.put(None)
     threading.Thread(target=reader, daemon=True).start()
 
-    ev = {"banners": 0, "panic": False, "stages": {}, "result": None, "timed_out": False}
+    ev = {"banners": 0, "panic": False, "stages": {}, "result": None, "timed_out": False, "luo": set()}
     marks = {}
     with open(os.path.join(rundir, "serial.log"), "w") as serial:
         while True:
@@ -140,6 +140,10 @@ def watch(proc, variant, standin, t0, timeout, verbose, accname, rundir):
                 ev["banners"] += 1
             if "Kernel panic" in line:
                 ev["panic"] = True
+            if "KXVM: luo stage 1: # [STAGE 1] You may now perform kexec reboot." in line:
+                ev["luo"].add("1")
+            if "KXVM: luo stage 2: --- SIMPLE KEXEC TEST PASSED ---" in line:
+                ev["luo"].add("2")
             m = STAGE_RE.search(line)
             if m:
                 ev["stages"][m.group(1)] = {"bp": m.group(2), "boot_id": m.group(3)}
@@ -196,6 +200,12 @@ def judge(variant, standin, ev, rc, marks, rundir):
             problems.append(f"guest says {verdict} ({kv.get('reason', '').strip(chr(34))}), expected {want}")
         elif want == "FAIL" and not LOST_IMAGE.search(kv.get("reason", "")):
             problems.append(f"negative control failed for another reason: {kv.get('reason')}")
+        # The kernel's luo_kexec_simple, an outside client: stage 1 in the first kernel,
+        # TEST PASSED in the kexec'd one (where the image survives).
+        if not standin and "1" not in ev["luo"]:
+            problems.append("luo_kexec_simple -s 1 did not finish in the first kernel")
+        if not standin and want == "PASS" and "2" not in ev["luo"]:
+            problems.append("luo_kexec_simple -s 2 did not print TEST PASSED in the kexec'd kernel")
     t = marks
     timing = {
         "boot1": t.get("stage1"),
