@@ -166,33 +166,72 @@ def test_the_python_client_speaks_sessions(mnt: Path) -> None:
     assert kx.state() == "normal"
 
 
-def test_no_caller_hangs_when_the_launcher_dies(mnt: Path, tmp_path: Path) -> None:
-    """The program waits in a CREATE_SESSION-bound moment; the launcher is killed; the
-    call then fails (the kernel answers ENOSYS once the listener is gone) instead of hanging."""
-    program = tmp_path / "wait_then_create.py"
-    go = tmp_path / "go"
-    program.write_text(f'''
-import ctypes, errno, os, struct, time
+WAIT_THEN_CREATE = """
+import ctypes, errno, os, struct, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 dev = os.open("/dev/liveupdate", os.O_RDWR)
 print("ready", flush=True)
-while not os.path.exists({str(go)!r}):
+while not os.path.exists(sys.argv[1]):
     time.sleep(0.02)
 buf = ctypes.create_string_buffer(struct.pack("=Ii64s", 72, -1, b"late"), 72)
 rc = libc.ioctl(dev, 0xBA00, buf)
 print("answer", errno.errorcode.get(ctypes.get_errno()) if rc else "ok", flush=True)
-''')
+"""
+
+
+@pytest.mark.parametrize("who", ["launcher", "daemon"])
+def test_no_caller_hangs_when_something_dies(daemon: Daemon, tmp_path: Path, who: str) -> None:
+    """The program is about to CREATE_SESSION when the launcher (SIGKILL: the kernel then
+    answers its notified calls ENOSYS) or the daemon (SIGKILL: the forwarded call fails
+    ENOTCONN) dies; the call fails with that errno instead of hanging."""
+    mnt, go = daemon.mountpoint, tmp_path / "go"
+    program = tmp_path / "wait_then_create.py"
+    program.write_text(WAIT_THEN_CREATE)
     launcher = subprocess.Popen([sys.executable, "-m", "kexecfs", "--mount", str(mnt), "run", "--", sys.executable,
-                                 str(program)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                                 str(program), str(go)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert launcher.stdout is not None
-    assert launcher.stdout.readline().strip() == "ready"
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait()
-    go.touch()
-    # The program still writes to the pipe the test reads (it inherited it from the launcher).
-    answer = launcher.stdout.readline().split()
-    assert answer == ["answer", "ENOSYS"], answer
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        if who == "launcher":
+            launcher.send_signal(signal.SIGKILL)
+            launcher.wait()
+        else:
+            daemon.kill()
+        go.touch()
+        # The program writes to the pipe the test reads, whoever of the others is dead.
+        answer = launcher.stdout.readline().split()
+        assert answer == ["answer", "ENOSYS" if who == "launcher" else "ENOTCONN"], answer
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_rows_from_python_directly_on_the_control_files(mnt: Path) -> None:
+    """The struct rules and stray numbers from Python with ctypes (the C program has them too)."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+    def errno_of(fd: int, cmd: int, arg: object) -> int:
+        return 0 if libc.ioctl(fd, cmd, arg) == 0 else ctypes.get_errno()
+
+    dev = os.open(mnt / "control", os.O_RDWR)
+    try:
+        packed = struct.pack("=Ii64s", 72, -1, b"py")
+        assert errno_of(dev, 0xBA00, ctypes.create_string_buffer(packed, 72)) == 95  # EOPNOTSUPP: no kexecfs run
+        assert errno_of(dev, 0xBA80, ctypes.create_string_buffer(struct.pack("=Ii64s", 71, -1, b"py"), 72)) == 22
+        tail = ctypes.create_string_buffer(struct.pack("=Ii64s", 80, -1, b"py") + b"\0" * 7 + b"\1", 80)
+        assert errno_of(dev, 0xBA80, tail) == 7  # E2BIG
+        assert errno_of(dev, 0xBA80, ctypes.c_void_p(16)) == 14  # EFAULT
+        assert errno_of(dev, 0xBA42, ctypes.create_string_buffer(8)) == 22  # a session's number on the device
+        assert errno_of(dev, 0x4048BA00, ctypes.create_string_buffer(72)) == 25  # size bits: ENOTTY
+        assert errno_of(dev, 0xBA80, ctypes.create_string_buffer(packed, 72)) == 0
+        assert (mnt / "py").is_dir()
+    finally:
+        os.close(dev)
 
 
 def test_a_release_in_flight_is_no_spurious_ebusy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
