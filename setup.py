@@ -35,9 +35,10 @@ setup(
                 "kexecfs/fusehook-c/session.c",
                 "kexecfs/fusehook-c/ioctl.c",
                 "kexecfs/fusehook-c/passthrough.c",
+                "kexecfs/fusehook-c/connection.c",
             ],
             # So that a change to it rebuilds the extension, and an sdist ships it.
-            depends=["kexecfs/fusehook-c/fusehook.h"],
+            depends=["kexecfs/fusehook-c/fusehook.h", "kexecfs/fusehook-c/fuseproto.h"],
             extra_compile_args=[*pkg_config("--cflags"), "-Wall", "-Wextra"],
             # -ldl: dlvsym() (part of libc itself since glibc 2.34, harmless there).
             extra_link_args=[*pkg_config("--libs"), "-ldl"],

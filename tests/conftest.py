@@ -58,22 +58,28 @@ def sh(script: str, *, uid: int | None = None, check: bool = False, cwd: str | N
 class Daemon:
     """A kexecfs daemon serving ``mountpoint``; restartable, killable."""
 
-    def __init__(self, mountpoint: Path, image_dir: Path, log: Path, extra: list[str] | None = None) -> None:
+    def __init__(self, mountpoint: Path, image_dir: Path, log: Path, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.mountpoint = mountpoint
         self.image_dir = image_dir
         self.log = log
         self.extra = extra or []
+        self.env = env or {}  # for the daemon's process, over the test's own environment
         self.proc: subprocess.Popen[bytes] | None = None
         self.expected: list[str] = []  # log fragments that mark an expected traceback
 
     def start(self) -> None:
         logf = open(self.log, "ab")
+        logged = logf.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kexecfs", "mount", str(self.mountpoint), "--image-dir", str(self.image_dir),
              "--foreground", *self.extra],
-            stdout=logf, stderr=logf, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            stdout=logf, stderr=logf, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **self.env})
         deadline = time.monotonic() + 30
-        while not os.path.ismount(self.mountpoint):
+        # Not a look at the mount until the daemon says it serves: the mount of a restarted
+        # daemon exists all along, and a request to it waits until some daemon answers.
+        while "kexecfs mounted on" not in self.log.read_bytes()[logged:].decode(errors="replace") \
+                or not is_mounted(self.mountpoint):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kexecfs daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
             if time.monotonic() > deadline:
@@ -90,23 +96,32 @@ class Daemon:
                 time.sleep(0.02)
 
     def kill(self) -> None:
-        """SIGKILL the daemon, as a crash would; the mount is left answering ENOTCONN."""
+        """SIGKILL the daemon, as a crash would. Its connection stays with the keeper:
+        requests wait, the next :meth:`start` serves them, :meth:`stop` unmounts."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self) -> None:
+        """Unmount and end the daemon, and with it the connection and its keeper, even if
+        the daemon was killed (then nothing would answer a request still waiting)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
+        orphaned = self.proc.poll() is not None  # killed: the keeper holds the connection
+        if not orphaned:
             subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if os.path.ismount(self.mountpoint) or _is_dead_mount(self.mountpoint):
+                orphaned = True
+        connection = connection_id(self.mountpoint)
+        if is_mounted(self.mountpoint):
             subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+        # Only a connection still held (its number cannot have gone to another mount).
+        if orphaned and connection is not None:
+            abort_connection(connection)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -116,12 +131,38 @@ class Daemon:
         return [b for b in blocks if not any(e in b for e in self.expected)]
 
 
-def _is_dead_mount(path: Path) -> bool:
+def connection_id(mnt: Path) -> str | None:
+    """The FUSE connection number of the mount at ``mnt`` (its device's minor), if mounted."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == _mountinfo_path(mnt):
+                return fields[2].split(":")[1]
+    return None
+
+
+def abort_connection(connection: str) -> None:
+    """End a FUSE connection (fusectl's abort): requests still waiting fail, and the keeper
+    holding it exits. Nothing if it has ended already."""
+    control = Path("/sys/fs/fuse/connections")
+    if not control.joinpath(connection).exists() and not os.path.ismount(control):
+        subprocess.run(["mount", "-t", "fusectl", "none", str(control)], capture_output=True)
     try:
-        os.stat(path)
-        return False
+        control.joinpath(connection, "abort").write_text("1")
     except OSError:
-        return True
+        pass  # ended already
+
+
+def _mountinfo_path(path: Path) -> str:
+    return "".join({" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}.get(c, c) for c in str(path))
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether a filesystem is mounted on ``path``, from the mount table: a stat could wait
+    forever for a daemon that is not running (its connection kept for the next one)."""
+    target = _mountinfo_path(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
 
 
 _public_base_path: Path | None = None

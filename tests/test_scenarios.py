@@ -115,8 +115,7 @@ def test_daemon_killed_after_freeze_recovers_everything(daemon: Daemon, tmp_path
     s.preserve()
     s.event("prepare")
     s.event("freeze")
-    daemon.kill()
-    assert sh(f"cat {s.mnt}/state").returncode != 0, "a killed daemon leaves a dead mount"
+    daemon.kill()  # its keeper holds the connection: the mount waits for the next daemon
     daemon.start()
     assert (s.mnt / "state").read_text() == "updated\n"
     s.verify()
@@ -129,7 +128,8 @@ def test_daemon_killed_after_freeze_recovers_everything(daemon: Daemon, tmp_path
 @pytest.mark.parametrize("point,recovers", [
     ("commit.before_fsync", False), ("commit.before_rename", False), ("commit.after_rename", True)])
 def test_crash_during_freeze_leaves_old_or_complete_image(tmp_path: Path, point: str, recovers: bool) -> None:
-    d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log")
+    """With nothing kept outside the daemon (no store, as after a power cut), the image alone."""
+    d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log", env={"KEXECFS_FD_STORE": "none"})
     d.mountpoint.mkdir()
     os.environ["KEXECFS_FAULTS"] = f"{point}=kill"
     try:

@@ -4,7 +4,6 @@ serve until unmounted or told to stop, and tell systemd when it is ready.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import logging.handlers
@@ -12,7 +11,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
-from . import control, sessions  # noqa: E402
+from . import control, fdstore, restart, sessions  # noqa: E402
 from .operations import KexecfsOperations  # noqa: E402
 from ..core.machine import LiveUpdate, Policy  # noqa: E402
 from ..defaults import DEFAULT_IMAGE_DIR  # noqa: E402
@@ -72,22 +70,6 @@ def sd_notify(message: str) -> None:
         sock.sendall(message.encode())
 
 
-def clear_dead_mount(mountpoint: Path) -> None:
-    """A killed daemon leaves its mount behind answering ENOTCONN; a restart replaces it."""
-    try:
-        # statfs always reaches the daemon; stat may be answered from the attribute
-        # cache for a second after the daemon died.
-        os.statvfs(mountpoint)
-    except FileNotFoundError:
-        pass  # created below
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise
-        log.warning("%s is the mount of a daemon that died; detaching it", mountpoint)
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
-    mountpoint.mkdir(parents=True, exist_ok=True)
-
-
 def raise_descriptor_limit() -> None:
     """The daemon holds one descriptor per preserved file: take the whole hard limit
     (systemd's default soft limit of 1024 would fail preserves with EMFILE)."""
@@ -97,42 +79,61 @@ def raise_descriptor_limit() -> None:
 
 
 def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
-    """Mount and serve until unmounted or SIGTERM/SIGINT; ``ready`` runs once requests are served."""
+    """Serve until unmounted or SIGTERM/SIGINT; ``ready`` runs once requests are served.
+
+    The connection is the one a previous daemon left in the descriptor store if it is
+    alive (see :mod:`.restart`), else a new mount. A signal stops this process only: the
+    connection stays in the store for the next daemon. An unmount ends it all."""
     raise_descriptor_limit()
-    clear_dead_mount(opts.mountpoint)
+    opts.image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    store = fdstore.open_store(opts.image_dir)
+    held = store.retrieve()
+    conn = restart.connect(opts.mountpoint, store, held)
+    for fd in held.values():
+        os.close(fd)
     machine = LiveUpdate.boot(opts.image_dir, policy=opts.policy)
-    fs = KexecfsOperations(machine, passthrough=opts.passthrough)
+    fs = KexecfsOperations(machine, passthrough=opts.passthrough, handle_numbers=restart.HandleNumbers(conn.record_fd))
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
     fuse_options |= {"fsname=kexecfs", "subtype=kexecfs", "allow_other", *opts.fuse_options}
     if opts.debug:
         fuse_options.add("debug")
-    pyfuse3.init(fs, str(opts.mountpoint), fuse_options)
+    pyfuse3.init(fs, conn.target, fuse_options)
     fusehook.ensure_live()
+    conn.kept(store)
     fs.device_lock.device = sessions.mount_device(str(opts.mountpoint))
     fusehook.set_ioctl_handler(functools.partial(control.dispatch, fs))
     log.info("kexecfs mounted on %s (image dir %s, state %s, boot id %s)", opts.mountpoint, opts.image_dir,
              machine.state.word, machine.boot_id)
+    ended = False
     try:
-        trio.run(_main_loop, fs, ready)
+        ended = trio.run(_main_loop, fs, ready)
     finally:
         fusehook.set_ioctl_handler(None)
-        pyfuse3.close(unmount=True)
-        log.info("kexecfs on %s stopped", opts.mountpoint)
+        pyfuse3.close(unmount=False)
+        if ended:
+            store.end()
+        log.info("kexecfs on %s stopped%s", opts.mountpoint, ": unmounted" if ended else "; the mount stays "
+                 "for the next daemon")
 
 
-async def _main_loop(fs: KexecfsOperations, ready: Callable[[], None]) -> None:
+async def _main_loop(fs: KexecfsOperations, ready: Callable[[], None]) -> bool:
+    """Serve; True once the connection ended (unmounted), False if stopped by a signal."""
+    signalled: list[int] = []
     async with trio.open_nursery() as nursery:
         fs.nursery = nursery
-        nursery.start_soon(_stop_on_signal, nursery)
+        nursery.start_soon(_stop_on_signal, signalled)
         ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+    return not signalled
 
 
-async def _stop_on_signal(nursery: trio.Nursery) -> None:
+async def _stop_on_signal(signalled: list[int]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("%s received: unmounting", signal.Signals(signum).name)
+            log.info("%s received: stopping; the connection stays in the descriptor store",
+                     signal.Signals(signum).name)
+            signalled.append(signum)
             pyfuse3.terminate()
             return
 

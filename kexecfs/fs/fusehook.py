@@ -186,3 +186,39 @@ def passthrough_stats() -> tuple[int, int]:
     reply was delivered; the kernel can still fail it (EIO, see
     :func:`passthrough_open`)."""
     return _fusehook.passthrough_stats()
+
+
+# ------------------------------------------------------------------ restarts (see fusehook-c/connection.c)
+
+
+def record_init_exchange(fd: int) -> None:
+    """Have the FUSE_INIT request and reply written at offset 0 of ``fd`` (a memfd kept with
+    the connection) once the reply has reached the kernel: what a restarted daemon replays."""
+    _fusehook.record_init_exchange(fd)
+
+
+def adopt_connection(record: bytes) -> None:
+    """Make the next ``pyfuse3.init()`` on ``/dev/fd/N`` an adoption of connection N, whose
+    INIT was answered already: libfuse gets the recorded INIT (``record``, what
+    :func:`record_init_exchange` wrote; empty if none was answered), its reply is dropped,
+    and the kernel is asked to resend what a dead daemon had read. ValueError if
+    ``record`` is not such a recording."""
+    _fusehook.adopt_connection(record)
+
+
+def session_fd() -> int:
+    """The ``/dev/fuse`` descriptor of the session (-1 before ``pyfuse3.init()``)."""
+    return _fusehook.session_fd()
+
+
+def last_request() -> tuple[int, int, int]:
+    """(unique, opcode, nodeid) of the request read last: valid in a handler until its first
+    ``await``, like :func:`last_request_ctx`. A unique with bit 63 set was resent by the
+    kernel to a restarted daemon (FUSE_UNIQUE_RESEND)."""
+    return _fusehook.last_request()
+
+
+def connection_status() -> dict[str, object]:
+    """{"adopted", "init_reply_matches", "resend", "resend_errno"}: how this daemon came to
+    its connection, for the log, the status file and tests."""
+    return _fusehook.connection_status()

@@ -18,7 +18,7 @@ import os
 import select
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -96,7 +96,8 @@ class KexecfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False  # writes must arrive synchronously, from their writer
 
-    def __init__(self, machine: LiveUpdate, passthrough: bool = True) -> None:
+    def __init__(self, machine: LiveUpdate, passthrough: bool = True,
+                 handle_numbers: Iterator[int] | None = None) -> None:
         super().__init__()
         self.machine = machine
         self.passthrough = passthrough  # off: every restored file is served by the proxy (tests, debugging)
@@ -108,7 +109,8 @@ class KexecfsOperations(pyfuse3.Operations):
         self.device_lock = sessions.DeviceLock(GLOBAL_BY_NAME["control"].offset)
         # (launcher's thread id, instance inode) -> the session its next open of control binds
         self.pending_sessions: dict[tuple[int, int], Instance] = {}
-        self._next_fh = itertools.count(1)
+        # Never a number an open file of a previous daemon of this connection still has.
+        self._next_fh = handle_numbers or itertools.count(1)
         self._token_inos: dict[tuple[int, int], int] = {}
         self._token_keys: dict[int, tuple[int, int]] = {}
         self._next_token_ino = itertools.count(FIRST_TOKEN_INO)

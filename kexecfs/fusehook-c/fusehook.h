@@ -19,6 +19,8 @@
 #include <fuse_lowlevel.h>
 
 #include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 /* The interposing definitions must stay exported whatever -fvisibility the
  * build uses: being found by the dynamic linker is their whole purpose. */
@@ -42,6 +44,7 @@ int log_init(void);
  * traceback.  The format is PyUnicode_FromFormat()'s. */
 void log_error(int with_exception, const char *format, ...);
 void log_warning(const char *format, ...);
+void log_info(const char *format, ...);
 
 /* session.c: the interposed fuse_session_new() and the ops it installs */
 
@@ -77,6 +80,30 @@ void passthrough_release(uint64_t fh);
 PyObject *fh_passthrough_available(PyObject *self, PyObject *unused);
 PyObject *fh_passthrough_open(PyObject *self, PyObject *args);
 PyObject *fh_passthrough_stats(PyObject *self, PyObject *unused);
+/* For connection.c: the /dev/fuse descriptor of the hooked session (-1
+ * without our custom io), and the INIT request the next reply answers (a
+ * replayed one, which io_read() never saw). */
+int passthrough_dev_fd(void);
+void passthrough_expect_init(uint64_t unique, int offered);
+
+/* connection.c: the FUSE connection across daemon restarts */
+
+/* io_read() read a request of res bytes into buf. */
+void connection_note_request(const void *buf, ssize_t res);
+/* Sends libfuse's INIT reply, or, for a replayed INIT, checks it against the
+ * reply the kernel got and drops it; returns what writev() would. */
+ssize_t connection_send_init_reply(int fd, const struct iovec *iov, int count);
+/* Whether the INIT reply the kernel got enabled FUSE_PASSTHROUGH: for an
+ * adopted connection, the original daemon's; otherwise 1. */
+int connection_kernel_passthrough(void);
+/* Called once our custom io is installed on a newly mounted session: replays
+ * the saved INIT if the session is an adopted connection. */
+void connection_mounted(struct fuse_session *se);
+PyObject *fh_record_init_exchange(PyObject *self, PyObject *arg);
+PyObject *fh_adopt_connection(PyObject *self, PyObject *arg);
+PyObject *fh_session_fd(PyObject *self, PyObject *unused);
+PyObject *fh_last_request(PyObject *self, PyObject *unused);
+PyObject *fh_connection_status(PyObject *self, PyObject *unused);
 
 #pragma GCC visibility pop
 

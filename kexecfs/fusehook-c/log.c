@@ -95,6 +95,15 @@ void log_warning(const char *format, ...)
     va_end(va);
 }
 
+void log_info(const char *format, ...)
+{
+    va_list va;
+
+    va_start(va, format);
+    log_va("info", 0, format, va);
+    va_end(va);
+}
+
 int log_init(void)
 {
     PyObject *logging = PyImport_ImportModule("logging");

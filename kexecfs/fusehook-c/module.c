@@ -22,9 +22,12 @@
  *   passthrough.c  FUSE passthrough, which libfuse < 3.17 has no API for:
  *                  INIT patching through a custom io, backing registrations,
  *                  the interposed fuse_reply_open()
+ *   connection.c   the connection across daemon restarts: the INIT exchange
+ *                  recorded and replayed, resending what a dead daemon read
  *   log.c          logging through the "kexecfs.fusehook" Python logger
  *   module.c       this file: the Python module and its initialisation
  *   fusehook.h     the declarations they share
+ *   fuseproto.h    the pieces of the FUSE kernel protocol spoken directly
  *
  * Threading: pyfuse3 calls fuse_session_process_buf() from its trio thread
  * with the GIL held, so all ops run there, one request at a time; the state
@@ -57,6 +60,19 @@ static PyMethodDef fusehook_methods[] = {
      "passthrough to fd."},
     {"passthrough_stats", fh_passthrough_stats, METH_NOARGS,
      "passthrough_stats() -> (passthrough opens, direct_io fallbacks)."},
+    {"record_init_exchange", fh_record_init_exchange, METH_O,
+     "record_init_exchange(fd): write the FUSE_INIT request and reply into fd "
+     "once answered."},
+    {"adopt_connection", fh_adopt_connection, METH_O,
+     "adopt_connection(record): the next mount of /dev/fd/N is a connection "
+     "whose INIT was answered already; replay record (b'' if none)."},
+    {"session_fd", fh_session_fd, METH_NOARGS,
+     "session_fd() -> the /dev/fuse descriptor of the hooked session (-1 if "
+     "none)."},
+    {"last_request", fh_last_request, METH_NOARGS,
+     "last_request() -> (unique, opcode, nodeid) of the request read last."},
+    {"connection_status", fh_connection_status, METH_NOARGS,
+     "connection_status() -> dict: adopted, init_reply_matches, resend."},
     {NULL, NULL, 0, NULL},
 };
 

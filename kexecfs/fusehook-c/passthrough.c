@@ -55,6 +55,7 @@
  */
 
 #include "fusehook.h"
+#include "fuseproto.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -68,70 +69,6 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-/* The FUSE protocol 7.40 pieces needed.  libfuse does not install its
- * fuse_kernel.h, and <linux/fuse.h> here (Linux 6.1) is protocol 7.38. */
-#define KX_FUSE_INIT             26          /* opcode */
-#define KX_FUSE_WRITEBACK_CACHE  (1u << 16)  /* init flags */
-#define KX_FUSE_INIT_EXT         (1u << 30)  /* init flags: flags2 is valid */
-#define KX_FUSE_PASSTHROUGH_HI   (1u << 5)   /* flags2: FUSE_PASSTHROUGH, 1 << 37 */
-#define KX_FOPEN_PASSTHROUGH     (1u << 7)
-/* The kernel reads an INIT reply's flags only from protocol 7.6 on, and then
- * flags2 whenever FUSE_INIT_EXT is set, and max_stack_depth whenever
- * FUSE_PASSTHROUGH is: it does not ask for 7.40.  That matters, because
- * Debian's libfuse 3.14.0 claims 7.31 (while sending the 64-byte 7.36+ struct
- * and FUSE_INIT_EXT). */
-#define KX_FLAGS_MINOR           6
-
-struct kx_in_header {
-    uint32_t len;
-    uint32_t opcode;
-    uint64_t unique;
-    uint64_t nodeid;
-    uint32_t uid, gid, pid;
-    uint16_t total_extlen;
-    uint16_t padding;
-};
-
-/* The start of struct fuse_init_in: all we read. */
-struct kx_init_in {
-    uint32_t major, minor, max_readahead, flags, flags2;
-};
-
-struct kx_out_header {
-    uint32_t len;
-    int32_t error;
-    uint64_t unique;
-};
-
-struct kx_init_out {
-    uint32_t major, minor, max_readahead, flags;
-    uint16_t max_background, congestion_threshold;
-    uint32_t max_write, time_gran;
-    uint16_t max_pages, map_alignment;
-    uint32_t flags2;
-    uint32_t max_stack_depth;   /* 7.40; unused (zero) before */
-    uint32_t unused[6];
-};
-
-struct kx_open_out {
-    uint64_t fh;
-    uint32_t open_flags;
-    int32_t backing_id;         /* 7.40; padding before */
-};
-
-struct kx_backing_map {
-    int32_t fd;
-    uint32_t flags;
-    uint64_t padding;
-};
-
-_Static_assert(sizeof(struct kx_in_header) == 40, "fuse_in_header");
-_Static_assert(sizeof(struct kx_out_header) == 16, "fuse_out_header");
-_Static_assert(sizeof(struct kx_init_out) == 64, "fuse_init_out");
-_Static_assert(offsetof(struct kx_init_out, max_stack_depth) == 36,
-               "fuse_init_out.max_stack_depth");
-_Static_assert(sizeof(struct kx_open_out) == 16, "fuse_open_out");
-_Static_assert(sizeof(struct kx_backing_map) == 16, "fuse_backing_map");
 
 #define KX_FUSE_DEV_IOC_BACKING_OPEN  _IOW(229, 1, struct kx_backing_map)
 #define KX_FUSE_DEV_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
@@ -222,6 +159,7 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
     const struct kx_in_header *in = buf;
 
     (void)userdata;
+    connection_note_request(buf, res);
     if (res >= (ssize_t)sizeof(*in) && in->opcode == KX_FUSE_INIT) {
         const struct kx_init_in *arg = (const struct kx_init_in *)(in + 1);
 
@@ -292,7 +230,7 @@ static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
 
     if (why != NULL) {
         pt.disabled_reason = why;
-        return writev(fd, iov, count);
+        return connection_send_init_reply(fd, iov, count);
     }
     memset(&out, 0, sizeof(out));
     memcpy(&out, iov[1].iov_base, iov[1].iov_len);
@@ -306,9 +244,15 @@ static ssize_t write_init_reply(int fd, struct iovec *iov, int count)
     patched[0] = iov[0];
     patched[1].iov_base = &out;
     patched[1].iov_len = iov[1].iov_len;
-    res = writev(fd, patched, 2);
+    res = connection_send_init_reply(fd, patched, 2);
     if (res == (ssize_t)(iov[0].iov_len + iov[1].iov_len)) {
-        pt.enabled = probe_backing_open(fd);
+        /* An adopted connection keeps what the first daemon's INIT reply
+         * set up: the kernel reads no second one. */
+        if (!connection_kernel_passthrough())
+            pt.disabled_reason = "this connection was set up without "
+                                 "FUSE_PASSTHROUGH by the daemon that mounted it";
+        else
+            pt.enabled = probe_backing_open(fd);
     } else {
         pt.disabled_reason = "sending the FUSE_INIT reply failed";
     }
@@ -329,8 +273,12 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
 }
 
 /* libfuse offers splice to the file system only if the custom io can do it
- * (and then uses it for pyfuse3's write_buf); doing it as libfuse would keeps
- * the session as it was without a custom io. */
+ * (and then uses it for pyfuse3's write_buf).  Only sending is offered: a
+ * spliced request never passes through io_read(), and connection.c needs to
+ * see every request's header (the unique of a request the kernel resends to
+ * a restarted daemon).  Requests are read into memory, as by most file
+ * systems; kexecfs's writes are small commands, and restored files that are
+ * written much go through passthrough, never through the daemon. */
 static ssize_t io_splice(int fdin, off_t *offin, int fdout, off_t *offout,
                          size_t len, unsigned int flags, void *userdata)
 {
@@ -343,7 +291,6 @@ static void install_io(struct fuse_session *se)
     static const struct fuse_custom_io io = {
         .writev = io_writev,
         .read = io_read,
-        .splice_receive = io_splice,
         .splice_send = io_splice,
     };
     int fd = fuse_session_fd(se), res;
@@ -374,6 +321,8 @@ INTERPOSE int fuse_session_mount(struct fuse_session *se,
         PyGILState_STATE gil = PyGILState_Ensure();
 
         install_io(se);
+        if (pt.dev_fd >= 0)
+            connection_mounted(se);
         PyGILState_Release(gil);
     }
     return res;
@@ -660,6 +609,18 @@ int passthrough_init(void)
         return -1;
     pt.disabled_reason = "no FUSE session has been mounted yet";
     return 0;
+}
+
+int passthrough_dev_fd(void)
+{
+    return pt.dev_fd;
+}
+
+void passthrough_expect_init(uint64_t unique, int offered)
+{
+    pt.init_req.unique = unique;
+    pt.init_req.pending = 1;
+    pt.init_req.offered = offered;
 }
 
 PyObject *fh_passthrough_available(PyObject *self, PyObject *unused)

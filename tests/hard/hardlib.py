@@ -39,14 +39,20 @@ def reachable(tmp_path: Path) -> None:
 
 
 class FaultyDaemon(Daemon):
-    """A Daemon whose process gets ``KEXECFS_FAULTS`` (set per start)."""
+    """A Daemon whose process gets ``KEXECFS_FAULTS`` (set per start).
+
+    Its descriptors outlive it nowhere (``KEXECFS_FD_STORE=none``): a killed daemon takes
+    its mount and every registration with it, and the next one has only the image, as
+    after a power cut. That is what these tests check; tests/test_restart.py kills
+    daemons whose keeper keeps everything."""
 
     def __init__(self, tmp_path: Path, name: str = "d", image_dir: Path | None = None,
                  extra: list[str] | None = None) -> None:
         mnt = tmp_path / f"{name}-mnt"
         mnt.mkdir(parents=True, exist_ok=True)
         reachable(tmp_path)
-        super().__init__(mnt, image_dir or tmp_path / f"{name}-images", tmp_path / f"{name}.log", extra)
+        super().__init__(mnt, image_dir or tmp_path / f"{name}-images", tmp_path / f"{name}.log", extra,
+                         env={"KEXECFS_FD_STORE": "none"})
         self.faults = ""
 
     def start(self, faults: str = "") -> None:

@@ -1,0 +1,237 @@
+"""The keeper: a small process that holds the daemon's descriptors while the daemon
+restarts, as systemd's fd store does for a service (used where there is no systemd).
+
+What it holds, each under a name: the FUSE connection (``/dev/fuse``), the record of the
+connection's FUSE_INIT, and every preserved file. A daemon that is killed, crashes or is
+replaced by a new version loses none of them: the next daemon asks the keeper for them
+all and serves the same connection (:mod:`kexecfs.fs.restart`).
+
+The keeper does nothing else, so that there is nothing in it to crash: it imports only
+the standard library, never reads or writes the files it holds, and knows no FUSE. It
+exits when the filesystem ends: when the daemon says so (``END``, after an unmount), or
+when the connection dies under it (``/dev/fuse`` reports POLLERR once the kernel has
+aborted the connection, e.g. after ``umount`` while no daemon ran). A keeper that never
+got a connection exits with its last client.
+
+Protocol: a SOCK_SEQPACKET unix socket in the image directory (0700, and the peer must be
+the keeper's own uid). Each message is one ASCII command, with descriptors attached as
+SCM_RIGHTS::
+
+    HELLO <pid>        -> OK <keeper pid> <held>   or  BUSY <pid> (another daemon serves)
+    STORE <name>       one descriptor attached; replaces a descriptor of that name
+    REMOVE <name>      closes it
+    FETCH              -> FDS <name>... (with those descriptors, at most BATCH a message)..., DONE <n>
+    END                the filesystem ended: close everything and exit
+
+``STORE`` and ``REMOVE`` are not answered: a message is in the keeper's queue once
+``sendmsg()`` returns, and stays there if the daemon dies right after, so the daemon may
+count it as done (and journal it) without waiting.
+
+    python -m kexecfs.fs.keeper SOCKET     binds SOCKET, then goes to the background
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+log = logging.getLogger("kexecfs.keeper")
+
+SOCKET_NAME = "keeper.sock"
+CONNECTION = "fuse"  # the name the daemon stores /dev/fuse under: watched for its death
+BATCH = 250  # descriptors per message (the kernel's SCM_MAX_FD is 253)
+MESSAGE = 1 << 16
+_HUNG_UP = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+def socket_address(path: Path) -> str:
+    """``path`` as a unix socket address: sun_path holds 107 bytes, an image directory's path
+    may be longer, and a path through /proc/self/fd of the open directory is short."""
+    if len(os.fsencode(path)) < 100:
+        return str(path)
+    dirfd = os.open(path.parent, os.O_PATH | os.O_CLOEXEC)  # left open: it is the address
+    return f"/proc/self/fd/{dirfd}/{path.name}"
+
+
+def send(sock: socket.socket, text: str, fds: list[int] | None = None) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([text.encode()], ancillary)
+
+
+def receive(sock: socket.socket) -> tuple[str, list[int]]:
+    """One message and its descriptors; ("", []) at the end of the connection."""
+    fds = array.array("i")
+    msg, ancdata, flags, _addr = sock.recvmsg(MESSAGE, socket.CMSG_SPACE(BATCH * fds.itemsize),
+                                              socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EMSGSIZE, "a keeper message was truncated")
+    return msg.decode(), list(fds)
+
+
+class Keeper:
+    """The held descriptors, and the daemons talking to the keeper."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.held: dict[str, int] = {}
+        self.clients: dict[int, socket.socket] = {}
+        self.serving: socket.socket | None = None  # the daemon that said HELLO last
+        self.poller = select.poll()
+        self.poller.register(listener, select.POLLIN)
+        self.done = False
+
+    def run(self) -> None:
+        while not self.done:
+            for fd, events in self.poller.poll():
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif fd in self.clients:
+                    self._serve(self.clients[fd], events)
+                elif self.held.get(CONNECTION) == fd and events & _HUNG_UP:
+                    log.info("keeper: the FUSE connection ended; releasing %d descriptor(s)", len(self.held))
+                    self.done = True
+            if not self.clients and CONNECTION not in self.held:
+                log.info("keeper: no connection was ever kept and no daemon is left; exiting")
+                self.done = True
+        for fd in self.held.values():
+            os.close(fd)
+
+    def _accept(self) -> None:
+        sock, _ = self.listener.accept()
+        uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        if uid != os.getuid():
+            sock.close()  # only the daemon's own uid may take what it holds
+            return
+        self.clients[sock.fileno()] = sock
+        self.poller.register(sock, select.POLLIN)
+
+    def _serve(self, sock: socket.socket, events: int) -> None:
+        try:
+            text, fds = receive(sock) if events & select.POLLIN else ("", [])
+        except OSError as exc:
+            log.warning("keeper: %s", exc)
+            text, fds = "", []
+        if not text:
+            self._hang_up(sock)
+            return
+        verb, _, arg = text.partition(" ")
+        if verb == "STORE" and len(fds) == 1 and arg:
+            self._store(arg, fds[0])
+            return
+        for fd in fds:  # only STORE brings a descriptor
+            os.close(fd)
+        if verb == "HELLO":
+            self._hello(sock, arg)
+        elif verb == "REMOVE" and arg in self.held:
+            self._forget(arg)
+        elif verb == "FETCH":
+            self._fetch(sock)
+        elif verb == "END":
+            log.info("keeper: the filesystem ended; releasing %d descriptor(s)", len(self.held))
+            self.done = True
+
+    def _hello(self, sock: socket.socket, pid: str) -> None:
+        other = self.serving
+        if other is not None and other is not sock and other.fileno() >= 0 and not _peer_gone(other):
+            send(sock, f"BUSY {_peer_pid(other)}")
+            return
+        self.serving = sock
+        send(sock, f"OK {os.getpid()} {len(self.held)}")
+
+    def _store(self, name: str, fd: int) -> None:
+        if name in self.held:
+            self._forget(name)
+        self.held[name] = fd
+        if name == CONNECTION:
+            self.poller.register(fd, 0)  # POLLERR and POLLHUP are reported unasked
+
+    def _forget(self, name: str) -> None:
+        fd = self.held.pop(name)
+        if name == CONNECTION:
+            self.poller.unregister(fd)
+        os.close(fd)
+
+    def _fetch(self, sock: socket.socket) -> None:
+        names = list(self.held)
+        for start in range(0, len(names), BATCH):
+            batch = names[start:start + BATCH]
+            send(sock, "FDS " + " ".join(batch), [self.held[n] for n in batch])
+        send(sock, f"DONE {len(names)}")
+
+    def _hang_up(self, sock: socket.socket) -> None:
+        self.poller.unregister(sock)
+        del self.clients[sock.fileno()]
+        if self.serving is sock:
+            self.serving = None
+        sock.close()
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether the other end closed (a daemon that died: its HELLO no longer counts)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+
+
+def listen(path: Path) -> socket.socket:
+    """The keeper's socket at ``path``, replacing one a dead keeper left."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o077)
+    try:
+        sock.bind(socket_address(path))
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return sock
+
+
+def main(argv: list[str]) -> int:
+    path = Path(argv[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    listener = listen(path)
+    bound = os.stat(path).st_ino
+    # In the background from here: the caller's wait for this process ends once the
+    # socket can be connected to, and the keeper belongs to no terminal or session.
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one descriptor per preserved file
+    keeper = Keeper(listener)
+    try:
+        keeper.run()
+    finally:
+        try:
+            if os.stat(path).st_ino == bound:  # not a newer keeper's socket
+                path.unlink()
+        except OSError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,143 @@
+"""A daemon restart nobody notices: the FUSE connection is kept in the descriptor store,
+and a restarted daemon serves that very connection instead of mounting a new one.
+
+The connection is two descriptors in the store (:mod:`.fdstore`):
+
+- ``fuse``: the ``/dev/fuse`` descriptor. The kernel keeps a connection for as long as
+  one descriptor of it is open, so every mount and bind mount of it keeps working
+  while no daemon runs; requests made meanwhile wait, as they would for a slow daemon.
+- ``fuse-init``: a memfd in which the extension records the FUSE_INIT exchange once the
+  first daemon has answered it. The kernel sends INIT once per connection; a restarted
+  daemon replays the recording to libfuse (see ``fusehook-c/connection.c``).
+
+The first daemon of a mount mounts as before and then stores both. A later daemon finds
+them, checks that the connection is alive (``poll`` reports POLLERR on a connection the
+kernel has aborted: after an unmount, or if the last descriptor was closed) and adopts
+it: ``pyfuse3.init()`` mounts ``/dev/fd/N``, which libfuse takes as an open connection.
+The extension then asks the kernel to send again what the dead daemon had read and not
+answered. Its callers never see ENOTCONN.
+
+Stopping the daemon (SIGTERM: ``systemctl restart``, an upgrade) leaves the connection
+in the store; an unmount ends the filesystem, and the store is emptied.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import fusehook
+from .fdstore import DescriptorStore
+from .sessions import mount_device
+
+log = logging.getLogger("kexecfs.restart")
+
+CONNECTION = "fuse"
+INIT_RECORD = "fuse-init"
+RECORD_SIZE = 4096  # more than the extension's struct init_record
+
+
+@dataclass
+class Connection:
+    """The connection a daemon serves: mounted by it, or adopted from the store."""
+
+    mountpoint: Path
+    target: str  # what pyfuse3.init() mounts: the mount point, or /dev/fd/N of the adopted one
+    adopted: bool
+    record_fd: int
+
+    def kept(self, store: DescriptorStore) -> None:
+        """After ``pyfuse3.init()``: a new connection goes into the store, the record first
+        (a connection kept without its record could not be adopted)."""
+        if self.adopted:
+            status = fusehook.connection_status()
+            log.info("adopted the FUSE connection of %s from the %s store (requests resent: %s)",
+                     self.mountpoint, store.kind, status["resend"])
+            if mount_device(str(self.mountpoint)) is None:
+                log.warning("%s is no longer mounted; serving its bind mounts", self.mountpoint)
+            return
+        store.keep(INIT_RECORD, self.record_fd)
+        store.keep(CONNECTION, fusehook.session_fd(), watch=True)
+
+
+class HandleNumbers:
+    """File handle numbers for the opens of a connection, never one that an open file of a
+    previous daemon of the same connection may still hold: the kernel keeps sending a
+    file's handle until the file is closed, so a number given twice would send one
+    file's requests (its release, say) to another's handle.
+
+    The high-water mark lives in the connection's INIT record memfd, past the extension's
+    record, in blocks: one write per HANDLE_BLOCK opens. A restarted daemon starts at the
+    end of the last block reserved."""
+
+    AT = 2048
+    BLOCK = 1 << 16
+
+    def __init__(self, record_fd: int) -> None:
+        self.fd = record_fd
+        data = os.pread(record_fd, 8, self.AT)
+        self.next = max(struct.unpack("<Q", data)[0] if len(data) == 8 else 0, 1)
+        self.reserved = self.next
+        self._reserve()
+
+    def __iter__(self) -> HandleNumbers:
+        return self
+
+    def __next__(self) -> int:
+        if self.next >= self.reserved:
+            self._reserve()
+        number, self.next = self.next, self.next + 1
+        return number
+
+    def _reserve(self) -> None:
+        self.reserved = self.next + self.BLOCK
+        os.pwrite(self.fd, struct.pack("<Q", self.reserved), self.AT)
+
+
+def alive(fd: int) -> bool:
+    """Whether the kernel still has the connection of ``fd`` (POLLERR once it is aborted)."""
+    poller = select.poll()
+    poller.register(fd, 0)
+    return not any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, events in poller.poll(0))
+
+
+def connect(mountpoint: Path, store: DescriptorStore, held: dict[str, int]) -> Connection:
+    """The connection to serve: the stored one if it is alive, else a new mount.
+
+    Consumes ``fuse`` and ``fuse-init`` from ``held`` (the store's descriptors)."""
+    fuse, record = held.pop(CONNECTION, None), held.pop(INIT_RECORD, None)
+    if fuse is not None and record is not None and alive(fuse):
+        fusehook.adopt_connection(os.pread(record, RECORD_SIZE, 0))
+        return Connection(mountpoint, f"/dev/fd/{fuse}", True, record)
+    for name, fd in ((CONNECTION, fuse), (INIT_RECORD, record)):
+        if fd is not None:
+            log.info("the stored FUSE connection of %s is gone; mounting anew", mountpoint)
+            os.close(fd)
+            store.release(name)
+    clear_dead_mount(mountpoint)
+    record = os.memfd_create("kexecfs-fuse-init", os.MFD_CLOEXEC)
+    fusehook.record_init_exchange(record)
+    return Connection(mountpoint, str(mountpoint), False, record)
+
+
+def clear_dead_mount(mountpoint: Path) -> None:
+    """A connection that died (its daemon killed with no store holding it) leaves its mount
+    answering ENOTCONN; a new mount replaces it."""
+    try:
+        # statfs always reaches the daemon; stat may be answered from the attribute
+        # cache for a second after the daemon died.
+        os.statvfs(mountpoint)
+    except FileNotFoundError:
+        pass  # created below
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s is the mount of a daemon that died; detaching it", mountpoint)
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+    mountpoint.mkdir(parents=True, exist_ok=True)
