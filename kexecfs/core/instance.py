@@ -48,6 +48,7 @@ class PreservedFile:
     recovered: bool = False  # came from an image and was not yet handed back for good
     opened: bool = False  # the owner opened fds/<token> (restored it)
     error: KexecfsError | None = None  # why a recovered file could not be restored
+    ino: int = 0  # the inode number of its fds/<token> entry (the machine gives it)
 
     @property
     def size(self) -> int:

@@ -36,6 +36,7 @@ from .capture import take_descriptor
 from .syscalls import same_open_file
 from .faults import inject
 from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
+from .journal import NoJournal
 from .instance import Caller, Instance, PreservedFile
 from .names import check_name, directory_name
 from .kinds import KINDS, detect
@@ -47,6 +48,9 @@ log = logging.getLogger("kexecfs.machine")
 # recorded in the image: a bind mount of an instance survives a simulated kexec.
 FIRST_INSTANCE_INO = 1 << 16
 INO_STRIDE = 16
+# fds/<token> entries are numbered from here, far above any instance's range, once each
+# for the life of the mount (a restarted daemon gets them from the journal).
+FIRST_FILE_INO = 1 << 48
 RETIRED_KEPT = 4
 
 
@@ -100,7 +104,13 @@ class LiveUpdate:
         self.last_error = ""
         self.progress = ""
         self.listeners: list[Callable[[], None]] = []
-        self._next_ino = FIRST_INSTANCE_INO
+        self.next_ino = FIRST_INSTANCE_INO
+        self.next_file_ino = FIRST_FILE_INO
+        # Where changes are made durable for a restart of the daemon (kexecfs.core.journal),
+        # one frame per operation; and the slow event under way, as the journal knows it.
+        self.record: Any = NoJournal()
+        self.intent: str | None = None
+        self.intent_request: int | None = None
         self._writer: ImageWriter | None = None  # the image being built, between prepare and freeze
         self._prepared: dict[tuple[str, int], dict[str, Any]] = {}
 
@@ -143,10 +153,15 @@ class LiveUpdate:
         if name in self.instances:
             raise fail(errno.EEXIST, f"instance {name!r} already exists")
         self.check_instances_open(f"mkdir {name}")
-        inst = Instance(name, self._next_ino, caller.uid, caller.gid, mode & 0o7777,
+        inst = Instance(name, self.next_ino, caller.uid, caller.gid, mode & 0o7777,
                         max_files=self.policy.max_files, max_bytes=self.policy.max_bytes)
-        self._next_ino += INO_STRIDE
+        self.next_ino += INO_STRIDE
         self.instances[name] = self.by_ino[inst.ino] = inst
+        try:
+            self.instance_changed(inst)
+        except KexecfsError:
+            del self.instances[name], self.by_ino[inst.ino]
+            raise
         log.info("instance %r created by %s", name, caller)
         return inst
 
@@ -157,6 +172,8 @@ class LiveUpdate:
             raise fail(errno.EBUSY, f"rmdir {name}: instance still holds {len(inst.files)} preserved file(s)")
         if self.instance_state(inst) is not State.NORMAL:
             raise fail(errno.EBUSY, f"rmdir {name}: instance is {self.instance_state(inst).word}, not normal")
+        self.record.instance_removed(inst)
+        self.record.commit()
         inst.removed = True
         del self.instances[name], self.by_ino[inst.ino]
         log.info("instance %r removed by %s", name, caller)
@@ -167,7 +184,13 @@ class LiveUpdate:
         if caller.uid != 0:
             raise fail(errno.EPERM, f"{which}.max of {inst.name!r}: limits are set by root; refused {caller}")
         self.check_instances_open(f"{which}.max of {inst.name!r}")
+        old = getattr(inst, f"max_{which}")
         setattr(inst, f"max_{which}", value)
+        try:
+            self.instance_changed(inst)
+        except KexecfsError:
+            setattr(inst, f"max_{which}", old)
+            raise
         log.info("instance %r: %s.max set to %s by %s", inst.name, which, "max" if value is None else value, caller)
 
     # ------------------------------------------------------------------ LUO sessions (6.19)
@@ -189,7 +212,7 @@ class LiveUpdate:
             inst = self.create_instance(directory, caller, 0o755)
         elif inst.session or inst.files or inst.incoming or caller.uid not in (0, inst.uid):
             raise fail(errno.EEXIST, f"CREATE_SESSION by {caller}: session {directory} already exists")
-        inst.session = "created"
+        self._set_session(inst, "created")
         log.info("session %r created by %s", directory, caller)
         return inst
 
@@ -208,7 +231,7 @@ class LiveUpdate:
     def retrieve_session(self, name: bytes, caller: Caller) -> Instance:
         """RETRIEVE_SESSION: the incoming session of that name, once (then EINVAL)."""
         inst = self.check_retrievable(name, caller)
-        inst.session = "retrieved"
+        self._set_session(inst, "retrieved")
         log.info("session %r retrieved by %s", inst.name, caller)
         return inst
 
@@ -216,15 +239,21 @@ class LiveUpdate:
         """The last descriptor of a session was closed, and the session ends, as the kernel's:
         a retrieved one is finished first; then its files are unpreserved (a process that
         retrieved them keeps its own descriptors) and the instance is gone."""
-        how, inst.session = inst.session, None
+        how = inst.session
         if inst.removed or self.instances.get(inst.name) is not inst:
+            inst.session = None
             return
+        self._set_session(inst, None)
         if how == "retrieved" and self.instance_state(inst) is State.UPDATED:
             self.finish_instance(inst, caller)
         if self.busy or self.state not in (State.NORMAL, State.UPDATED) or \
                 (inst.incoming and self.instance_state(inst) is State.UPDATED):
             log.info("session %r closed while %s: it is carried as it is", inst.name, self.busy or self.state.word)
             return
+        for pf in inst.files.values():
+            self.record.file_removed(inst, pf)
+        self.record.instance_removed(inst)
+        self.record.commit()
         for pf in inst.files.values():
             pf.close()
         inst.files.clear()
@@ -284,6 +313,12 @@ class LiveUpdate:
             record = kind.capture(fd)
             inst.check_room(kind, record, caller)
             pf = inst.add(token, kind, fd, record)
+            pf.ino = self._file_ino()
+            try:
+                self._file_changed(inst, pf)
+            except BaseException:
+                del inst.files[pf.token]
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -294,6 +329,8 @@ class LiveUpdate:
         inst.check_owner(caller, "fd_unpreserve")
         self._check_registrations_open(f"fd_unpreserve in {inst.name!r}")
         pf = inst.get(token)
+        self.record.file_removed(inst, pf)
+        self.record.commit()
         pf.close()
         del inst.files[token]
         log.info("instance %r: unpreserved token %d by %s", inst.name, token, caller)
@@ -310,7 +347,13 @@ class LiveUpdate:
             raise pf.error
         if flags is not None:
             pf.check_access(flags, f"restore of {inst.name}/fds/{token} by {caller}")
-        pf.opened = True
+        if not pf.opened:
+            pf.opened = True
+            try:
+                self._file_changed(inst, pf)
+            except KexecfsError:
+                pf.opened = False
+                raise
         log.info("instance %r: token %d restored by %s", inst.name, token, caller)
         return pf
 
@@ -345,18 +388,26 @@ class LiveUpdate:
             raise fail(errno.ENOENT if event == "cancel" else errno.EINVAL,
                        f"{event} by {caller}: not allowed while {self.state.word}")
         self.busy = event
+        try:
+            self._begin_intent(event)
+        except KexecfsError:
+            self.busy = None
+            raise
         body = getattr(self, f"_{event}")
 
         def work() -> None:
             before = self.state
             started = time.monotonic()
+            outcome = errno.EIO
             try:
                 body()
+                outcome = 0
             except Exception as exc:
                 answer = refusal(exc)
                 if answer is None:  # a bug: the FUSE layer logs the traceback; status says it too
                     self.last_error = f"{event}: unexpected {type(exc).__name__}: {exc}"
                     raise
+                outcome = answer.errno
                 self.last_error = f"{event}: {answer.message}"
                 log.error("%s by %s failed: %s", event, caller, answer)
                 if isinstance(exc, KexecfsError):
@@ -365,6 +416,8 @@ class LiveUpdate:
             finally:
                 self.busy = None
                 self.progress = ""
+                if event != "kexec" or outcome:  # a kexec ends in the next boot's machine (reboot)
+                    self._end_intent(outcome)
                 self._notify()
             log.info("%s by %s: %s -> %s in %.3f s", event, caller, before.word, self.state.word,
                      time.monotonic() - started)
@@ -395,12 +448,86 @@ class LiveUpdate:
         if self.instance_state(inst) is not State.UPDATED:
             raise fail(errno.EINVAL, f"finish in {inst.name!r}: the instance is {self.instance_state(inst).word}, "
                                      f"not updated")
-        _keep_restored(inst)
-        inst.finished = True
-        log.info("instance %r finished by %s", inst.name, caller)
-        if all(i.finished for i in self.instances.values()):
-            self._finish()
+        if not all(i.finished or i is inst for i in self.instances.values()):
+            _keep_restored(inst, self.record)
+            inst.finished = True
+            self.instance_changed(inst)
+            log.info("instance %r finished by %s", inst.name, caller)
+        else:  # the last one ends the machine's update, as a global finish does
+            self._begin_intent("finish")
+            outcome = errno.EIO
+            try:
+                _keep_restored(inst, self.record)
+                inst.finished = True
+                log.info("instance %r finished by %s", inst.name, caller)
+                self._finish()
+                outcome = 0
+            finally:
+                self._end_intent(outcome)
         self._notify()
+
+    # ------------------------------------------------------------------ the journal
+
+    def instance_changed(self, inst: Instance) -> None:
+        """Make a change of ``inst`` durable for a restart (KexecfsError if it cannot be)."""
+        self.record.instance_changed(inst)
+        self.record.commit()
+
+    def _file_changed(self, inst: Instance, pf: PreservedFile) -> None:
+        self.record.file_changed(inst, pf)
+        self.record.commit()
+
+    def _set_session(self, inst: Instance, how: str | None) -> None:
+        old, inst.session = inst.session, how
+        try:
+            self.instance_changed(inst)
+        except KexecfsError:
+            inst.session = old
+            raise
+
+    def _file_ino(self) -> int:
+        ino, self.next_file_ino = self.next_file_ino, self.next_file_ino + 1
+        return ino
+
+    def _begin_intent(self, event: str) -> None:
+        """A slow or multi-step event begins: a restart in its middle finds it in the journal
+        and settles it before or after (see :mod:`.resume`)."""
+        self.intent, self.intent_request = event, self.record.request()
+        self.record.machine_changed(self)
+        try:
+            self.record.commit(answers=False)
+        except KexecfsError:
+            self.intent = self.intent_request = None
+            raise
+
+    def _end_intent(self, outcome: int) -> None:
+        """The event is over (``outcome``: its errno, 0 if done): the journal becomes one
+        snapshot of the machine, which also answers the event's request."""
+        self.intent = None
+        try:
+            self.record.rewrite(self, (self.intent_request, outcome))
+        except KexecfsError as exc:
+            self.last_error = f"journal: {exc.message}"
+            log.error("after %s: %s; a restart now would settle it from the image directory",
+                      self.busy or "the event", exc.message)
+        self.intent_request = None
+
+    def carry_file_inos(self, old: LiveUpdate) -> None:
+        """After a simulated kexec: the files the old machine had keep their inode numbers
+        (a service may hold an ``fds/<token>`` dentry across it); the others get new ones."""
+        before = {(i.name, t): pf.ino for i in old.instances.values() for t, pf in i.files.items()}
+        self.next_file_ino = max(self.next_file_ino, old.next_file_ino)
+        for inst, pf in self._files():
+            pf.ino = before.get((inst.name, pf.token)) or self._file_ino()
+
+    def prepare_again(self) -> None:
+        """Prepare a machine resumed in ``prepared`` (the image its prepare wrote died with
+        the daemon that wrote it)."""
+        self._prepare()
+
+    def finish_resumed(self) -> None:
+        """Complete a finish that a restart interrupted after the image was retired."""
+        self._finish()
 
     def _prepare(self) -> None:
         writer = ImageWriter(self.image_dir, progress=self._progress("prepare"))
@@ -457,7 +584,7 @@ class LiveUpdate:
 
     def _finish(self) -> None:
         for inst in self.instances.values():
-            _keep_restored(inst)
+            _keep_restored(inst, self.record)
             inst.finished = False
         self._retire_image("finished")
         self.state = State.NORMAL
@@ -482,9 +609,19 @@ class LiveUpdate:
 
     def reboot(self) -> LiveUpdate:
         """The machine the next boot of a simulated kexec finds: a new boot id, and
-        whatever the image directory alone holds (call after the kexec event)."""
-        return LiveUpdate.boot(self.image_dir, boot_id=str(uuid.uuid4()), kexec_count=self.kexec_count + 1,
-                               policy=self.policy)
+        whatever the image directory alone holds (call after the kexec event). It takes
+        over the journal, which then holds it alone: the kexec is complete."""
+        new = LiveUpdate.boot(self.image_dir, boot_id=str(uuid.uuid4()), kexec_count=self.kexec_count + 1,
+                              policy=self.policy)
+        new.carry_file_inos(self)
+        new.record = self.record
+        try:
+            new.record.rewrite(new, (self.intent_request, 0))
+        except KexecfsError as exc:
+            new.last_error = f"journal: {exc.message}"
+            log.error("after kexec: %s; a restart now would recover from the image", exc.message)
+        self.intent = self.intent_request = None
+        return new
 
     @classmethod
     def boot(cls, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,
@@ -496,10 +633,7 @@ class LiveUpdate:
         """
         image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(image_dir, 0o700)
-        for leftover in image_dir.glob(f".{IMAGE_NAME}.*.tmp"):
-            log.warning("removing %s: an image that was never completed (prepare or freeze interrupted)",
-                        leftover)
-            leftover.unlink()
+        remove_unfinished_images(image_dir)
         path = image_dir / IMAGE_NAME
         machine = cls(image_dir, boot_id, kexec_count, policy)
         if not path.exists():
@@ -538,7 +672,7 @@ class LiveUpdate:
                                 max_files=rec.get("max_files"), max_bytes=rec.get("max_bytes"),
                                 incoming=True)
                 self.instances[inst.name] = self.by_ino[inst.ino] = inst
-                self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
+                self.next_ino = max(self.next_ino, inst.ino + INO_STRIDE)
             total = sum(e[1] for f in image.files for e in f.get("extents", []))
             done = 0
             report = self._progress("recovery")
@@ -553,6 +687,7 @@ class LiveUpdate:
                     continue
                 inject("recover.file")
                 pf = PreservedFile(rec["token"], kind, -1, rec, recovered=True)
+                pf.ino = self._file_ino()
                 inst.files[pf.token] = pf
                 try:
                     pf.fd = kind.restore(rec, image)
@@ -612,6 +747,13 @@ class LiveUpdate:
             listener()
 
 
+def remove_unfinished_images(image_dir: Path) -> None:
+    """Images a dead daemon was writing (its prepare or freeze interrupted)."""
+    for leftover in image_dir.glob(f".{IMAGE_NAME}.*.tmp"):
+        log.warning("removing %s: an image that was never completed (prepare or freeze interrupted)", leftover)
+        leftover.unlink()
+
+
 class _about:
     """Prefix errors about one preserved file with where it is, keeping their errno."""
 
@@ -631,14 +773,16 @@ class _about:
         return False
 
 
-def _keep_restored(inst: Instance) -> None:
+def _keep_restored(inst: Instance, record: Any) -> None:
     """At finish: drop the files nobody restored; restored ones become ordinary preserved files."""
     for token, pf in list(inst.files.items()):
         if pf.recovered and not pf.opened:
+            record.file_removed(inst, pf)
             pf.close()
             del inst.files[token]
-        else:
+        elif pf.recovered:
             pf.recovered = False
+            record.file_changed(inst, pf)
 
 
 def _groups_of(caller: Caller) -> set[int]:
