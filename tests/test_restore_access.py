@@ -156,10 +156,13 @@ def test_restore_grants_no_more_than_was_preserved(tmp_path: Path, passthrough: 
         sh(f"echo prepare > {mnt}/state && echo kexec > {mnt}/state", check=True)
         combos, crossings = _check_round(daemon, tmp_path, files, "after a simulated kexec")
 
-        # The same files carried into a second update, recovered by a restarted daemon.
+        # The same files carried into a second update, across a daemon killed while frozen:
+        # the restarted one is still frozen (nothing lost), and the kexec recovers them.
         sh(f"echo finish > {mnt}/state && echo prepare > {mnt}/state && echo freeze > {mnt}/state", check=True)
         daemon.kill()
         daemon.start()
+        assert (mnt / "state").read_text() == "frozen\n"
+        sh(f"echo kexec > {mnt}/state", check=True)
         assert (mnt / "state").read_text() == "updated\n"
         more, later = _check_round(daemon, tmp_path, files, "after a daemon restart, restored a second time")
         print(f"\n{combos + more} access combinations ({'passthrough' if passthrough else 'proxy'}), "

@@ -110,17 +110,22 @@ def test_restore_is_ebusy_before_a_kexec(daemon: Daemon, tmp_path: Path) -> None
     assert sh(f"stat -c %s {s.mnt}/vm/fds/1", check=True).stdout.strip() == str(1 << 20)
 
 
-def test_daemon_killed_after_freeze_recovers_everything(daemon: Daemon, tmp_path: Path) -> None:
+def test_daemon_killed_after_freeze_loses_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    """A restart is not a kexec: the restarted daemon is still frozen, the kexec then
+    recovers everything, and a crash after it (before finish) loses nothing either."""
     s = Services(daemon, tmp_path)
     s.preserve()
     s.event("prepare")
     s.event("freeze")
     daemon.kill()  # its keeper holds the connection: the mount waits for the next daemon
     daemon.start()
+    assert (s.mnt / "state").read_text() == "frozen\n"
+    s.event("kexec")
     assert (s.mnt / "state").read_text() == "updated\n"
     s.verify()
-    daemon.kill()  # a second crash before finish loses nothing either
+    daemon.kill()
     daemon.start()
+    assert (s.mnt / "state").read_text() == "updated\n"
     s.verify()
     s.event("finish")
 

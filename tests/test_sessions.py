@@ -85,6 +85,8 @@ def test_sessions_across_an_update_under_kexecfs_run(daemon: Daemon, luo_session
         sh(f"echo prepare > {mnt}/state && echo freeze > {mnt}/state", check=True)
         daemon.kill()
         daemon.start()
+        assert (mnt / "state").read_text() == "frozen\n", "a restart is not a kexec: nothing is lost"
+        sh(f"echo kexec > {mnt}/state", check=True)
     kill_holders(f"{luo_sessions} before")
     assert (mnt / "state").read_text() == "updated\n"
     after = tap(kexecfs_run(mnt, str(luo_sessions), "after", str(mnt)))

@@ -414,10 +414,13 @@ class LiveUpdate:
                     raise
                 raise KexecfsError(answer.errno, self.last_error) from exc
             finally:
-                self.busy = None
-                self.progress = ""
-                if event != "kexec" or outcome:  # a kexec ends in the next boot's machine (reboot)
+                # A kexec that went through ends in the next boot's machine (reboot()): until
+                # then this machine is the old kernel's, and nothing may change it (a cancel
+                # slipping in would retire the image the next boot is to recover).
+                if event != "kexec" or outcome:
+                    self.busy = None
                     self._end_intent(outcome)
+                self.progress = ""
                 self._notify()
             log.info("%s by %s: %s -> %s in %.3f s", event, caller, before.word, self.state.word,
                      time.monotonic() - started)

@@ -20,6 +20,7 @@ from ..core.instance import Caller, Instance
 from . import fusehook
 from . import sessions
 from .nodes import Scope
+from .operations import note_request
 
 if TYPE_CHECKING:
     from .operations import KexecfsOperations
@@ -74,12 +75,24 @@ HANDLERS: dict[int, IoctlHandler] = {
 _NOT_OURS = KexecfsError(errno.ENOTTY, "")
 
 
+class _Answered(Exception):
+    """A resent ioctl that the previous daemon had done before it died: answered 0."""
+
+
+_ANSWERED = _Answered()
+
+
 def dispatch(fs: KexecfsOperations, req: int, ino: int, cmd: int, fh: int, flags: int, in_data: bytes,
              out_size: int, arg: int, pid: int, uid: int, gid: int) -> None:
     """The C hook's callback (see :data:`kexecfs.fs.fusehook.IoctlHandler`)."""
+    unique = note_request()
     try:
+        if (done := fs.answered_before(unique)) is not None:  # resent after a restart, and done then
+            raise KexecfsError(done, "") if done else _ANSWERED
         command = abi.COMMANDS.get(cmd)
-        h = fs.handles.get(fh) if not flags & fusehook.FUSE_IOCTL_DIR else None
+        h = None
+        if not flags & fusehook.FUSE_IOCTL_DIR:
+            h = fs.handles.get(fh) or fs.taken_over(fh, ino)
         if h is None or h.node is None or not h.node.control or abi.ioc_type(cmd) != abi.LIVEUPDATE_IOCTL_TYPE:
             raise _NOT_OURS
         inst = fs.live_instance(h) if h.node.scope is Scope.INSTANCE else None
@@ -95,6 +108,8 @@ def dispatch(fs: KexecfsOperations, req: int, ino: int, cmd: int, fh: int, flags
             fs.nursery.start_soon(_event, fs, req, inst, caller, command)
             return
         out = HANDLERS[cmd](fs, inst, caller, in_data)
+    except _Answered:
+        fusehook.reply_ioctl(req, b"")
     except Exception as exc:
         _failed(req, cmd, exc)
     else:

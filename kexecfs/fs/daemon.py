@@ -22,7 +22,7 @@ import trio  # noqa: E402
 
 from . import control, fdstore, restart, sessions  # noqa: E402
 from .operations import KexecfsOperations  # noqa: E402
-from ..core.machine import LiveUpdate, Policy  # noqa: E402
+from ..core.machine import Policy  # noqa: E402
 from ..defaults import DEFAULT_IMAGE_DIR  # noqa: E402
 
 log = logging.getLogger("kexecfs.daemon")
@@ -89,9 +89,7 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
     store = fdstore.open_store(opts.image_dir)
     held = store.retrieve()
     conn = restart.connect(opts.mountpoint, store, held)
-    for fd in held.values():
-        os.close(fd)
-    machine = LiveUpdate.boot(opts.image_dir, policy=opts.policy)
+    machine = restart.machine_for(opts.image_dir, opts.policy, store, held, conn)
     fs = KexecfsOperations(machine, passthrough=opts.passthrough, handle_numbers=restart.HandleNumbers(conn.record_fd))
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
     fuse_options |= {"fsname=kexecfs", "subtype=kexecfs", "allow_other", *opts.fuse_options}
@@ -111,6 +109,7 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
         fusehook.set_ioctl_handler(None)
         pyfuse3.close(unmount=False)
         if ended:
+            fs.machine.record.end()
             store.end()
         log.info("kexecfs on %s stopped%s", opts.mountpoint, ": unmounted" if ended else "; the mount stays "
                  "for the next daemon")

@@ -218,6 +218,13 @@ def last_request() -> tuple[int, int, int]:
     return _fusehook.last_request()
 
 
+def last_request_flags() -> int:
+    """The open flags of the file of the read, write, flush or release dispatched last
+    (valid as :func:`last_request_ctx`): what a restarted daemon needs to serve a file
+    that was opened before it started."""
+    return _fusehook.last_request_flags()
+
+
 def connection_status() -> dict[str, object]:
     """{"adopted", "init_reply_matches", "resend", "resend_errno"}: how this daemon came to
     its connection, for the log, the status file and tests."""

@@ -26,18 +26,31 @@ from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
-from ..core.errors import fail, refusal  # noqa: E402
+from ..core.errors import KexecfsError, fail, refusal  # noqa: E402
 from ..core.faults import delay  # noqa: E402
 from ..core.instance import Caller, Instance, PreservedFile  # noqa: E402
-from ..core.machine import INO_STRIDE, SLOW_EVENTS, LiveUpdate, State  # noqa: E402
+from ..core.journal import current_request  # noqa: E402
+from ..core.machine import FIRST_FILE_INO, INO_STRIDE, SLOW_EVENTS, LiveUpdate, State  # noqa: E402
 from . import restored, sessions  # noqa: E402
 from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
                     NODES, ROOT_INO, Node, Scope)
 
 log = logging.getLogger("kexecfs.fs")
 
-# fds/<token> entries are numbered from here, far above any instance's range.
-FIRST_TOKEN_INO = 1 << 48
+# fds/<token> entries are numbered from here, far above any instance's range (by the core:
+# the numbers are journaled, so that a restarted daemon gives the same ones).
+FIRST_TOKEN_INO = FIRST_FILE_INO
+#: FUSE_UNIQUE_RESEND: the kernel sent this request again, to a restarted daemon.
+RESENT = 1 << 63
+# A file handle says what a restarted daemon cannot know otherwise of a file opened
+# before it started (the request gives the inode and the open flags): the uid that
+# opened it (high 32 bits) and whether it is a LUO session fd; the rest is a number
+# that no open file of the connection has (restart.HandleNumbers).
+SESSION_FH = 1 << 31
+
+
+def file_handle(uid: int, number: int, session: bool = False) -> int:
+    return (uid << 32) | (SESSION_FH if session else 0) | ((number - 1) % (SESSION_FH - 1) + 1)
 DIR_TIMEOUT = 1.0  # directory entries and attributes change only through this daemon
 READY = select.POLLIN | select.POLLPRI | select.POLLERR
 
@@ -49,6 +62,7 @@ def handler(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        note_request()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -61,6 +75,17 @@ def handler(fn: F) -> F:
             log.warning("%s: %s", fn.__name__, answer)
             raise pyfuse3.FUSEError(answer.errno) from None
     return wrapped  # type: ignore[return-value]
+
+
+def note_request() -> int | None:
+    """Record the request being served (for the journal, see ``current_request``); its
+    unique, with FUSE_UNIQUE_RESEND if the kernel resent it. Call before any await."""
+    try:
+        unique = fusehook.last_request()[0]
+    except RuntimeError:
+        return None
+    current_request.set(unique & ~RESENT)
+    return unique
 
 
 @dataclass
@@ -111,9 +136,7 @@ class KexecfsOperations(pyfuse3.Operations):
         self.pending_sessions: dict[tuple[int, int], Instance] = {}
         # Never a number an open file of a previous daemon of this connection still has.
         self._next_fh = handle_numbers or itertools.count(1)
-        self._token_inos: dict[tuple[int, int], int] = {}
-        self._token_keys: dict[int, tuple[int, int]] = {}
-        self._next_token_ino = itertools.count(FIRST_TOKEN_INO)
+        self._token_keys: dict[int, tuple[int, int]] = {}  # fds/<token> inode -> (instance inode, token)
         self._attach(machine)
 
     # ------------------------------------------------------------------ the machine
@@ -121,6 +144,10 @@ class KexecfsOperations(pyfuse3.Operations):
     def _attach(self, machine: LiveUpdate) -> None:
         self.machine = machine
         machine.listeners.append(self._state_changed)
+        # A resumed machine's files: the kernel may ask about their inodes before any lookup.
+        for inst in machine.instances.values():
+            for token, pf in inst.files.items():
+                self._token_keys[pf.ino] = (inst.ino, token)
 
     def _state_changed(self) -> None:
         self.state_version += 1
@@ -163,12 +190,17 @@ class KexecfsOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ inodes
 
     def _token_ino(self, inst: Instance, token: int) -> int:
-        key = (inst.ino, token)
-        if key not in self._token_inos:
-            ino = next(self._next_token_ino)
-            self._token_inos[key] = ino
-            self._token_keys[ino] = key
-        return self._token_inos[key]
+        ino = inst.files[token].ino
+        self._token_keys[ino] = (inst.ino, token)
+        return ino
+
+    def answered_before(self, unique: int | None) -> int | None:
+        """For a request the kernel resent (the previous daemon died serving it): the errno
+        it was answered with (0: done) if its effect is in the journal already; None if
+        it is to be done now."""
+        if unique is None or not unique & RESENT:
+            return None
+        return self.machine.record.answered(unique & ~RESENT)
 
     def _resolve(self, ino: int) -> tuple[Node | None, Instance | None, PreservedFile | None]:
         """(node, instance, preserved file) of an inode; ESTALE if it no longer exists.
@@ -184,7 +216,7 @@ class KexecfsOperations(pyfuse3.Operations):
         if ino >= FIRST_TOKEN_INO:
             inst_ino, token = self._token_keys.get(ino, (0, 0))
             inst = self.machine.by_ino.get(inst_ino)
-            if inst is not None and token in inst.files:
+            if inst is not None and token in inst.files and inst.files[token].ino == ino:
                 return None, inst, inst.files[token]
         else:
             offset = ino % INO_STRIDE
@@ -268,6 +300,8 @@ class KexecfsOperations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node, inst, pf = self._resolve(inode)
         caller = Caller(ctx.pid, ctx.uid, ctx.gid, "setattr")
+        if (done := self.answered_before(_unique())) is not None:
+            return _as_before(done, self._attrs(inode))
         if fields.update_size:
             if pf is not None:
                 # A truncate writes: only as the preserved descriptor could have (not read-only, not O_APPEND).
@@ -296,6 +330,8 @@ class KexecfsOperations(pyfuse3.Operations):
                 raise fail(errno.EPERM, "chmod: only instance directories have a mode of their own")
             inst.check_owner(caller, "chmod")
             inst.mode = stat.S_IMODE(attr.st_mode)
+        if chown or fields.update_mode:
+            self.machine.instance_changed(inst)  # type: ignore[arg-type]
         return self._attrs(inode)
 
     # ------------------------------------------------------------------ directories
@@ -317,6 +353,8 @@ class KexecfsOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT_INO:
             raise fail(errno.EPERM, "mkdir: instances exist only at the top of the mount")
+        if (done := self.answered_before(_unique())) is not None:
+            return _as_before(done, lambda: self._attrs(self._child(ROOT_INO, name.decode(errors="surrogateescape"))))
         caller = Caller(ctx.pid, ctx.uid, ctx.gid, "mkdir")
         inst = self.machine.create_instance(name.decode(errors="surrogateescape"), caller,
                                             mode & ~ctx.umask & 0o7777)
@@ -329,6 +367,8 @@ class KexecfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM if text == "fds" else errno.ENOTDIR)
         if text in GLOBAL_BY_NAME:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if (done := self.answered_before(_unique())) is not None:
+            return _as_before(done, None)
         self.machine.remove_instance(text, Caller(ctx.pid, ctx.uid, ctx.gid, "rmdir"))
 
     @handler
@@ -347,13 +387,14 @@ class KexecfsOperations(pyfuse3.Operations):
         if node is not None and node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         h = Handle(node, inst.ino if inst else 0, seen=self.state_version, opener_uid=ctx.uid)
-        fh = next(self._next_fh)
+        fh = file_handle(ctx.uid, next(self._next_fh))
         if pf is not None:
             assert inst is not None
             caller = Caller(ctx.pid, ctx.uid, ctx.gid, f"open {inst.name}/fds/{pf.token}")
             h.restored_fd = restored.open_restored(self.machine, inst, pf, caller, flags)
         elif node is not None and node.control:
             self._open_control(h, fh, inst, Caller(ctx.pid, ctx.uid, ctx.gid, "open control"))
+            fh |= SESSION_FH if h.session is not None else 0
         self.handles[fh] = h
         if pf is not None:
             restored.serve(fh, h.restored_fd, pf, self.passthrough)
@@ -361,11 +402,34 @@ class KexecfsOperations(pyfuse3.Operations):
         # restored file must not be cached apart from the memfd it stands for.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
-    def _handle(self, fh: int) -> Handle:
+    def _handle(self, fh: int, ino: int | None = None) -> Handle:
+        """The open file ``fh``; one opened before this daemon started is taken over."""
+        h = self.handles.get(fh)
+        return h if h is not None else self.taken_over(fh, _request_ino() if ino is None else ino)
+
+    def taken_over(self, fh: int, ino: int, serve_io: bool = True) -> Handle:
+        """The handle of a file a previous daemon of this connection opened (the kernel keeps
+        sending its ``fh``), rebuilt from the request: its inode, its open flags, and what
+        the handle number says (:func:`file_handle`). ``serve_io``: a restored file gets its
+        own descriptor again, with the access its open flags ask (checked again)."""
         try:
-            return self.handles[fh]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
+            node, inst, pf = self._resolve(ino)
+        except pyfuse3.FUSEError:
+            raise fail(errno.ENODEV, f"open file {fh:#x} (opened before a restart of the daemon): its "
+                                     f"file is gone") from None
+        if (node is None and pf is None) or (node is not None and node.is_dir):
+            raise fail(errno.EBADF, f"open file {fh:#x} is not a file of this mount")
+        h = Handle(node, inst.ino if inst else 0, opener_uid=fh >> 32)
+        if pf is not None and serve_io:
+            h.restored_fd = restored.reopen_granted(pf, fusehook.last_request_flags())
+        if fh & SESSION_FH and inst is not None and node is not None and node.control:
+            h.session, h.machine = inst, self.machine
+        if node is not None and node.control and inst is None:
+            self.device_lock.holders.setdefault(fh >> 32, fh)
+        self.handles[fh] = h
+        log.info("took over open file %#x of %s%s from the previous daemon", fh, f"{inst.name}/" if inst else "",
+                 node.name if node else f"fds/{pf.token}")  # type: ignore[union-attr]
+        return h
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -375,7 +439,7 @@ class KexecfsOperations(pyfuse3.Operations):
         assert h.node is not None
         if h.node.show is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if off == 0:
+        if off == 0 or not h.text:  # (a file taken over at a restart has no rendering yet)
             inst = self.live_instance(h) if h.node.scope is Scope.INSTANCE else None
             h.text = h.node.show(self, inst).encode()
             h.seen = self.state_version
@@ -384,6 +448,8 @@ class KexecfsOperations(pyfuse3.Operations):
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         pid, uid, gid = fusehook.last_request_ctx()  # valid only until the first await
+        if (done := self.answered_before(_unique())) is not None:
+            return _as_before(done, len(buf))
         h = self._handle(fh)
         if h.restored_fd >= 0:
             # Its descriptor has the granted flags: on an O_APPEND one, pwrite appends.
@@ -415,6 +481,11 @@ class KexecfsOperations(pyfuse3.Operations):
     @handler
     async def release(self, fh: int) -> None:
         pid, uid, gid = fusehook.last_request_ctx()
+        if fh not in self.handles:
+            try:  # opened before a restart: what its close must do (a session fd's ends the session)
+                self.taken_over(fh, _request_ino(), serve_io=False)
+            except KexecfsError:
+                pass  # its file is gone: nothing to release
         if pause := delay("release"):
             await trio.sleep(pause)
         h = self.handles.pop(fh, None)
@@ -427,7 +498,7 @@ class KexecfsOperations(pyfuse3.Operations):
     @handler
     async def poll(self, inode: int, fh: int, ph: pyfuse3.PollHandle | None,
                    ctx: pyfuse3.RequestContext) -> int:
-        h = self._handle(fh)
+        h = self._handle(fh, inode)
         if h.node is None or not h.node.pollable:
             return select.POLLIN | select.POLLOUT  # always ready, as regular files are
         if h.seen != self.state_version:
@@ -447,6 +518,26 @@ class KexecfsOperations(pyfuse3.Operations):
             value = pf.kind.name if key.endswith("kind") else pf.record.get(key.rsplit(".", 1)[1], 0)
             return str(value).encode()
         raise pyfuse3.FUSEError(errno.ENODATA)
+
+
+def _request_ino() -> int:
+    """The inode of the request being served (pyfuse3 passes read, write and release only
+    the fh); valid until the handler's first await."""
+    return fusehook.last_request()[2]
+
+
+def _unique() -> int | None:
+    try:
+        return fusehook.last_request()[0]
+    except RuntimeError:
+        return None
+
+
+def _as_before(errno_: int, result: Any) -> Any:
+    """Answer a resent request as the previous daemon answered it before it died."""
+    if errno_:
+        raise pyfuse3.FUSEError(errno_)
+    return result() if callable(result) else result
 
 
 def _forget_entry(name: str) -> None:

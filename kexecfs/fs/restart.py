@@ -32,6 +32,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.journal import JOURNAL_NAME, Journal, JournalDamaged, JournalState, NoJournal, load
+from ..core.machine import LiveUpdate, Policy, kernel_boot_id
+from ..core.resume import resume
 from . import fusehook
 from .fdstore import DescriptorStore
 from .sessions import mount_device
@@ -141,3 +144,64 @@ def clear_dead_mount(mountpoint: Path) -> None:
         log.warning("%s is the mount of a daemon that died; detaching it", mountpoint)
         subprocess.run(["umount", "-l", str(mountpoint)], check=True)
     mountpoint.mkdir(parents=True, exist_ok=True)
+
+
+def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: dict[str, int],
+                conn: Connection) -> LiveUpdate:
+    """The machine to serve: the journal's, on the adopted connection of the same kernel
+    boot, with the descriptors ``held`` gave back; else one booted from the image
+    directory (``updated`` if there is an image) as after a kexec. Either way it is then
+    journaled as one snapshot, and stored descriptors it does not use are released."""
+    kernel = kernel_boot_id()
+    machine = None
+    if store.kind == "none":
+        machine = LiveUpdate.boot(image_dir, policy=policy)
+        _release(store, held)
+        return machine
+    journal = Journal(image_dir, store, kernel)
+    state = _journal(image_dir)
+    if state is not None and conn.adopted and state.machine.get("kernel_boot_id") == kernel:
+        resumed = resume(image_dir, state, held, policy)
+        machine = resumed.machine
+        journal.adopt(machine, resumed.names, resumed.next_name, resumed.requests)
+        for name in resumed.stale:
+            store.release(name)
+        log.info("resumed from the journal: state %s, %d instance(s), %d file(s)%s", machine.state.word,
+                 len(machine.instances), sum(len(i.files) for i in machine.instances.values()),
+                 f"; LOST {len(resumed.lost)}: {', '.join(resumed.lost)}" if resumed.lost else "")
+    elif state is not None:
+        why = "another kernel boot wrote it" if state.machine.get("kernel_boot_id") != kernel else \
+            "its connection (and the descriptors with it) ended"
+        log.warning("the journal of %d instance(s) and %d file(s) is not used: %s; booting from the image directory",
+                    len(state.instances), len(state.files), why)
+    if machine is None:
+        machine = LiveUpdate.boot(image_dir, policy=policy)
+    _release(store, held)
+    machine.record = journal
+    try:
+        journal.rewrite(machine)
+    except Exception as exc:  # a full disk must not keep the daemon from serving
+        machine.record = NoJournal()
+        machine.last_error = f"journal: {exc}; a restart of this daemon will lose what it holds"
+        log.error("%s", machine.last_error)
+    return machine
+
+
+def _journal(image_dir: Path) -> JournalState | None:
+    path = image_dir / JOURNAL_NAME
+    try:
+        return load(path)
+    except JournalDamaged as exc:
+        aside = path.with_name(f"{JOURNAL_NAME}.damaged")
+        os.replace(path, aside)
+        log.error("the journal is damaged (%s); kept aside as %s, booting from the image directory", exc, aside.name)
+        return None
+
+
+def _release(store: DescriptorStore, held: dict[str, int]) -> None:
+    """Descriptors in the store that nothing needs: a crash between storing one and the
+    journal frame naming it, or what a journal not used any more held."""
+    for name, fd in held.items():
+        os.close(fd)
+        store.release(name)
+    held.clear()

@@ -27,6 +27,16 @@ def open_restored(machine: LiveUpdate, inst: Instance, pf: PreservedFile, caller
     return fd
 
 
+def reopen_granted(pf: PreservedFile, flags: int) -> int:
+    """A descriptor for an open of ``fds/<token>`` made before a restart of the daemon: the
+    restore was granted then (in updated, or the file stays restored after finish), so
+    only the access its open flags ask is checked again."""
+    pf.check_access(flags, f"an open file of fds/{pf.token} taken over at a restart")
+    if pf.error:
+        raise pf.error
+    return pf.reopen(flags)
+
+
 def serve(fh: int, fd: int, pf: PreservedFile, passthrough: bool) -> None:
     """Have the kernel serve the open ``fh`` from ``fd`` where that keeps the grant.
 

@@ -54,6 +54,7 @@ int hook_init(void);
 int hook_is_live(void);
 PyObject *fh_hook_active(PyObject *self, PyObject *unused);
 PyObject *fh_last_request_ctx(PyObject *self, PyObject *unused);
+PyObject *fh_last_request_flags(PyObject *self, PyObject *unused);
 
 /* ioctl.c: FUSE_IOCTL requests, answered by a Python handler */
 

@@ -60,6 +60,9 @@ static PyMethodDef fusehook_methods[] = {
      "passthrough to fd."},
     {"passthrough_stats", fh_passthrough_stats, METH_NOARGS,
      "passthrough_stats() -> (passthrough opens, direct_io fallbacks)."},
+    {"last_request_flags", fh_last_request_flags, METH_NOARGS,
+     "last_request_flags() -> the open flags of the file of the last read, "
+     "write, flush or release dispatched."},
     {"record_init_exchange", fh_record_init_exchange, METH_O,
      "record_init_exchange(fd): write the FUSE_INIT request and reply into fd "
      "once answered."},

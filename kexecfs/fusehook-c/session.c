@@ -54,6 +54,10 @@ static struct hook_state {
         uid_t uid;
         gid_t gid;
         int valid;
+        /* fi->flags of the last read, write, flush or release: the open flags of
+         * the file, which a restarted daemon needs to take over an open file
+         * it did not open (pyfuse3 passes only the fh). */
+        int flags;
     } last_ctx;
 } hook;
 
@@ -101,6 +105,7 @@ static void wrap_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                       struct fuse_file_info *fi)
 {
     record_ctx(req);
+    hook.last_ctx.flags = fi->flags;
     hook.orig_ops.read(req, ino, size, off, fi);
 }
 
@@ -108,6 +113,7 @@ static void wrap_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
                        size_t size, off_t off, struct fuse_file_info *fi)
 {
     record_ctx(req);
+    hook.last_ctx.flags = fi->flags;
     hook.orig_ops.write(req, ino, buf, size, off, fi);
 }
 
@@ -115,6 +121,7 @@ static void wrap_flush(fuse_req_t req, fuse_ino_t ino,
                        struct fuse_file_info *fi)
 {
     record_ctx(req);
+    hook.last_ctx.flags = fi->flags;
     hook.orig_ops.flush(req, ino, fi);
 }
 
@@ -122,6 +129,7 @@ static void wrap_release(fuse_req_t req, fuse_ino_t ino,
                          struct fuse_file_info *fi)
 {
     record_ctx(req);
+    hook.last_ctx.flags = fi->flags;
     passthrough_release(fi->fh);
     hook.orig_ops.release(req, ino, fi);
 }
@@ -131,6 +139,7 @@ static void wrap_write_buf(fuse_req_t req, fuse_ino_t ino,
                            struct fuse_file_info *fi)
 {
     record_ctx(req);
+    hook.last_ctx.flags = fi->flags;
     hook.orig_ops.write_buf(req, ino, bufv, off, fi);
 }
 
@@ -296,4 +305,11 @@ PyObject *fh_last_request_ctx(PyObject *self, PyObject *unused)
     return Py_BuildValue("(iII)", (int)hook.last_ctx.pid,
                          (unsigned int)hook.last_ctx.uid,
                          (unsigned int)hook.last_ctx.gid);
+}
+
+PyObject *fh_last_request_flags(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(hook.last_ctx.flags);
 }
