@@ -8,9 +8,11 @@ must be answered by the next one, never with ENOTCONN.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSE_SKIP, Daemon, is_mounted
+from conftest import FUSE_SKIP, ROOT, Daemon, is_mounted
 
 pytestmark = pytest.mark.skipif(bool(FUSE_SKIP), reason=FUSE_SKIP or "")
 
@@ -203,3 +205,108 @@ def _read_or_errno(path: Path) -> str:
         return path.read_text()
     except OSError as exc:
         return f"errno {exc.errno}: {os.strerror(exc.errno or 0)}"
+
+
+def test_a_restored_file_open_across_a_restart_opens_again(daemon: Daemon) -> None:
+    """FUSE passthrough: the kernel serves an open fds/<token> itself, from a backing
+    registration of the connection, and refuses (EIO) an open of the same inode with
+    another one. The restarted daemon reuses the registrations of the previous one."""
+    mnt = daemon.mountpoint
+    (mnt / "svc").mkdir()
+    memfd = os.memfd_create("ram")
+    os.write(memfd, b"before the restart".ljust(8192, b"."))
+    (mnt / "svc" / "fd_preserve").write_text(f"{memfd} 7")
+    for event in ("prepare", "kexec"):
+        (mnt / "state").write_text(event)
+    if "restore: passthrough" not in (mnt / "status").read_text():
+        pytest.skip("FUSE passthrough is not available on this kernel (Linux >= 6.9 and CAP_SYS_ADMIN)")
+    old = os.open(mnt / "svc" / "fds" / "7", os.O_RDWR)
+    try:
+        daemon.kill()
+        daemon.start()
+        new = os.open(mnt / "svc" / "fds" / "7", os.O_RDWR)  # EIO with another registration
+        try:
+            os.pwrite(new, b"after", 0)
+            assert os.pread(old, 18, 0) == b"aftere the restart", "the two opens are not the same file"
+        finally:
+            os.close(new)
+    finally:
+        os.close(old)
+        os.close(memfd)
+
+
+def test_a_program_under_kexecfs_run_does_not_notice_a_restart(daemon: Daemon, tmp_path: Path) -> None:
+    """Its /dev/liveupdate (the top-level control) and the launcher's forwarding were
+    opened before the daemon died; the CREATE_SESSION it makes after is served."""
+    from test_sessions import WAIT_THEN_CREATE
+
+    go = tmp_path / "go"
+    program = tmp_path / "wait_then_create.py"
+    program.write_text(WAIT_THEN_CREATE)
+    launcher = subprocess.Popen([sys.executable, "-m", "kexecfs", "--mount", str(daemon.mountpoint), "run", "--",
+                                 sys.executable, str(program), str(go)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert launcher.stdout is not None
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        daemon.kill()
+        daemon.start()
+        go.touch()
+        assert launcher.stdout.readline().split() == ["answer", "ok"]
+        assert (daemon.mountpoint / "late").is_dir()
+    finally:
+        launcher.kill()
+        launcher.wait()
+        subprocess.run(["pkill", "-KILL", "-f", str(program)], capture_output=True)  # it holds the mount
+
+
+def test_a_service_asleep_in_poll_across_a_restart_wakes_for_the_next_transition(daemon: Daemon) -> None:
+    """The restarted daemon wakes the previous one's pollers once (they poll again on it),
+    so a service waiting for the state to change does not sleep through the change."""
+    import select
+
+    mnt = daemon.mountpoint
+    (mnt / "svc").mkdir()
+    seen: list[str] = []
+
+    def wait_for_prepared() -> None:
+        fd = os.open(mnt / "svc" / "state", os.O_RDONLY)
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            while (word := os.pread(fd, 64, 0).decode().strip()) != "prepared":
+                seen.append(word)
+                poller.poll()
+            seen.append(word)
+        finally:
+            os.close(fd)
+
+    sleeper = threading.Thread(target=wait_for_prepared, daemon=True)
+    sleeper.start()
+    time.sleep(0.5)  # asleep in poll() on the first daemon
+    daemon.kill()
+    daemon.start()
+    (mnt / "state").write_text("prepare")
+    sleeper.join(20)
+    assert not sleeper.is_alive(), f"the poller slept through the transition (saw {seen})"
+    assert seen[-1] == "prepared"
+
+
+def test_dev_liveupdate_held_before_a_restart_stays_exclusive(daemon: Daemon) -> None:
+    control = daemon.mountpoint / "control"
+    holder = os.open(control, os.O_RDWR)
+    try:
+        daemon.kill()
+        daemon.start()
+        with pytest.raises(OSError) as busy:
+            os.close(os.open(control, os.O_RDWR))
+        assert busy.value.errno == errno.EBUSY
+    finally:
+        os.close(holder)
+    deadline = time.monotonic() + 5  # the close reaches the daemon asynchronously (RELEASE)
+    while True:
+        try:
+            os.close(os.open(control, os.O_RDWR))
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the device stayed busy after its holder closed it"
+            time.sleep(0.05)

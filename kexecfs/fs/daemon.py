@@ -99,6 +99,7 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
     fusehook.ensure_live()
     conn.kept(store)
     fs.device_lock.device = sessions.mount_device(str(opts.mountpoint))
+    fs.device_lock.restarted = conn.adopted
     fusehook.set_ioctl_handler(functools.partial(control.dispatch, fs))
     log.info("kexecfs mounted on %s (image dir %s, state %s, boot id %s)", opts.mountpoint, opts.image_dir,
              machine.state.word, machine.boot_id)

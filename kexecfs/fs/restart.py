@@ -117,6 +117,7 @@ def connect(mountpoint: Path, store: DescriptorStore, held: dict[str, int]) -> C
     fuse, record = held.pop(CONNECTION, None), held.pop(INIT_RECORD, None)
     if fuse is not None and record is not None and alive(fuse):
         fusehook.adopt_connection(os.pread(record, RECORD_SIZE, 0))
+        fusehook.record_init_exchange(record)  # where the backing table goes on
         return Connection(mountpoint, f"/dev/fd/{fuse}", True, record)
     for name, fd in ((CONNECTION, fuse), (INIT_RECORD, record)):
         if fd is not None:

@@ -192,10 +192,14 @@ class DeviceLock:
         self.ino = ino
         self.device: str | None = None  # "major:minor" of this mount, set once mounted
         self.holders: dict[int, int] = {}  # uid -> the fh of the open that holds it
+        # On a connection adopted from a previous daemon, an open of the device made
+        # before the restart is not among the holders until it is used: ask the kernel.
+        self.restarted = False
 
     def take(self, fh: int, caller: Caller, handles: dict[int, Any]) -> None:
         holder = self.holders.get(caller.uid)
-        if holder is not None and holder in handles and self._still_open(caller.uid):
+        held = holder is not None and holder in handles or holder is None and self.restarted
+        if held and self._still_open(caller.uid):
             raise fail(errno.EBUSY, f"open of the top-level control by {caller}: /dev/liveupdate is "
                                     f"exclusive, and uid {caller.uid}'s other open of it is not closed yet")
         self.holders[caller.uid] = fh

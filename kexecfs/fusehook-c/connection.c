@@ -26,6 +26,17 @@
  *     request.  last_request() gives the daemon each request's unique, so it
  *     can recognise one whose effect was already made durable.
  *
+ *  3. poll(): the kernel wakes a process sleeping in poll() on a kexecfs file
+ *     when the daemon sends FUSE_NOTIFY_POLL with the file's kernel handle
+ *     (kh); a restarted daemon does not know them.  The khs of the last polls
+ *     that asked to be notified are kept in the memfd too (POLLERS_AT), and a
+ *     restarted daemon wakes them all once: they poll again, now on it.
+ *  4. FUSE passthrough: a backing registration lives in the connection, and the
+ *     kernel fails (EIO) an open of an inode whose other open uses another
+ *     registration.  The table of registrations (file identity, backing id)
+ *     is kept in the same memfd, from BACKINGS_AT on, and a restarted daemon
+ *     reuses them (passthrough_inherit_backing()).
+ *
  * The adoption itself is libfuse's: fuse_session_mount() on "/dev/fd/N"
  * takes descriptor N as the session's connection without mounting anything
  * (and fuse_session_unmount() then leaves the mount alone).
@@ -40,6 +51,12 @@
 #include <unistd.h>
 
 #define RECORD_MAGIC "KXINIT1"
+/* The record memfd: the INIT record at 0, kexecfs.fs.restart's handle numbers at
+ * 2048, the backing table from here (one slot per registration, 0-terminated). */
+#define BACKINGS_AT 4096
+#define BACKINGS_MAX 65536
+#define POLLERS_AT 2560
+#define POLLERS_MAX 64
 #define RECORD_IN_MAX 512
 #define RECORD_OUT_MAX 256
 
@@ -55,6 +72,12 @@ struct init_record {
 };
 
 enum resend_result { RESEND_NONE, RESEND_SENT, RESEND_UNSUPPORTED, RESEND_FAILED };
+
+struct backing_slot {
+    uint64_t dev, ino;
+    int32_t id;
+    uint32_t live;
+};
 
 /* All touched with the GIL held, like all the extension's state. */
 static struct connection_state {
@@ -72,11 +95,31 @@ static struct connection_state {
         uint32_t opcode;
         int valid;
     } last;
+    struct backing_slot *slots;     /* the backing table, as written */
+    size_t n_slots, cap_slots;
+    uint64_t pollers[POLLERS_MAX];  /* the khs kept at POLLERS_AT */
+    unsigned next_poller;
 } conn = {.record_fd = -1, .kernel_passthrough = 1};
 
 /* ------------------------------------------------------------------------ */
 /* The first daemon: recording the INIT exchange                            */
 /* ------------------------------------------------------------------------ */
+
+/* A poll that asked to be woken: its kh goes into the ring a restarted daemon wakes. */
+static void note_poller(const struct kx_poll_in *arg)
+{
+    unsigned i = conn.next_poller % POLLERS_MAX;
+
+    if (!(arg->flags & KX_FUSE_POLL_SCHEDULE_NOTIFY) || conn.record_fd < 0)
+        return;
+    for (unsigned j = 0; j < POLLERS_MAX; j++)
+        if (conn.pollers[j] == arg->kh)
+            return;
+    conn.pollers[i] = arg->kh;
+    conn.next_poller++;
+    if (pwrite(conn.record_fd, &arg->kh, sizeof(arg->kh), POLLERS_AT + (off_t)(i * sizeof(arg->kh))) < 0)
+        log_error(0, "keeping a poller with the connection failed: %s", strerror(errno));
+}
 
 void connection_note_request(const void *buf, ssize_t res)
 {
@@ -88,6 +131,8 @@ void connection_note_request(const void *buf, ssize_t res)
     conn.last.nodeid = in->nodeid;
     conn.last.opcode = in->opcode;
     conn.last.valid = 1;
+    if (in->opcode == KX_FUSE_POLL && res >= (ssize_t)(sizeof(*in) + sizeof(struct kx_poll_in)))
+        note_poller((const struct kx_poll_in *)(in + 1));
     if (in->opcode == KX_FUSE_INIT && !conn.replaying) {
         size_t n = (size_t)res < RECORD_IN_MAX ? (size_t)res : RECORD_IN_MAX;
 
@@ -233,6 +278,105 @@ static void resend_pending(int fd)
               "had read stay unanswered", strerror(errno));
 }
 
+/* ------------------------------------------------------------------------ */
+/* Backing registrations, kept with the connection                          */
+/* ------------------------------------------------------------------------ */
+
+static void write_slot(size_t i)
+{
+    if (conn.record_fd >= 0 &&
+        pwrite(conn.record_fd, &conn.slots[i], sizeof(conn.slots[i]),
+               BACKINGS_AT + (off_t)(i * sizeof(conn.slots[i]))) != (ssize_t)sizeof(conn.slots[i]))
+        log_error(0, "keeping backing id %d with the connection failed (%s): after a "
+                  "restart, opens of its file may fail with EIO", (int)conn.slots[i].id, strerror(errno));
+}
+
+/* A new slot at the end of the table; BACKINGS_MAX if there is no room. */
+static size_t append_slot(void)
+{
+    if (conn.n_slots == BACKINGS_MAX)
+        return BACKINGS_MAX;
+    if (conn.n_slots == conn.cap_slots) {
+        size_t cap = conn.cap_slots ? 2 * conn.cap_slots : 64;
+        struct backing_slot *more = realloc(conn.slots, cap * sizeof(*more));
+
+        if (more == NULL)
+            return BACKINGS_MAX;
+        conn.slots = more;
+        conn.cap_slots = cap;
+    }
+    return conn.n_slots++;
+}
+
+void connection_backing_kept(uint64_t dev, uint64_t ino, int32_t id)
+{
+    size_t i;
+
+    for (i = 0; i < conn.n_slots && conn.slots[i].live; i++)
+        ;
+    if (i == conn.n_slots && (i = append_slot()) == BACKINGS_MAX) {
+        log_error(0, "the table of backing ids is full: after a restart, opens of the file of "
+                  "backing id %d may fail with EIO", (int)id);
+        return;
+    }
+    conn.slots[i] = (struct backing_slot){.dev = dev, .ino = ino, .id = id, .live = 1};
+    write_slot(i);
+}
+
+void connection_backing_closed(int32_t id)
+{
+    for (size_t i = 0; i < conn.n_slots; i++)
+        if (conn.slots[i].live && conn.slots[i].id == id) {
+            conn.slots[i].live = 0;
+            write_slot(i);
+            return;
+        }
+}
+
+/* The previous daemons' registrations, reused by this one. */
+static void inherit_backings(void)
+{
+    struct backing_slot slot;
+    size_t i;
+
+    if (conn.record_fd < 0)
+        return;
+    for (i = 0; i < BACKINGS_MAX; i++) {
+        if (pread(conn.record_fd, &slot, sizeof(slot), BACKINGS_AT + (off_t)(i * sizeof(slot))) !=
+                (ssize_t)sizeof(slot) || (slot.dev == 0 && slot.ino == 0 && slot.id == 0))
+            break;
+        /* The table stays as it is (the next daemon needs it too); free slots are reused. */
+        if (append_slot() == BACKINGS_MAX)
+            break;
+        conn.slots[i] = slot;
+        if (slot.live)
+            passthrough_inherit_backing(slot.dev, slot.ino, slot.id);
+    }
+}
+
+/* Wakes every process that was sleeping in poll() on the previous daemon's files. */
+static void wake_pollers(int fd)
+{
+    struct {
+        struct kx_out_header h;
+        uint64_t kh;
+    } notify = {.h = {.len = sizeof(notify), .error = KX_FUSE_NOTIFY_POLL}};
+
+    memset(conn.pollers, 0, sizeof(conn.pollers));
+    /* Short where the last pollers' slots were never written: those stay 0. */
+    if (conn.record_fd < 0 || pread(conn.record_fd, conn.pollers, sizeof(conn.pollers), POLLERS_AT) < 0)
+        return;
+    for (unsigned i = 0; i < POLLERS_MAX; i++) {
+        if (conn.pollers[i] == 0)
+            continue;
+        conn.next_poller = i + 1;
+        notify.kh = conn.pollers[i];
+        /* A kh whose file is closed is not found by the kernel, and nothing happens. */
+        if (write(fd, &notify, sizeof(notify)) < 0 && errno != ENOENT)
+            log_error(0, "waking a poller of the previous daemon failed: %s", strerror(errno));
+    }
+}
+
 void connection_mounted(struct fuse_session *se)
 {
     if (!conn.adopting)
@@ -241,7 +385,9 @@ void connection_mounted(struct fuse_session *se)
     conn.adopted = 1;
     if (conn.init.in_len > 0)
         replay_init(se);
+    inherit_backings();
     resend_pending(passthrough_dev_fd());
+    wake_pollers(passthrough_dev_fd());
 }
 
 /* ------------------------------------------------------------------------ */

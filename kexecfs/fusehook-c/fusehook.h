@@ -86,6 +86,8 @@ PyObject *fh_passthrough_stats(PyObject *self, PyObject *unused);
  * replayed one, which io_read() never saw). */
 int passthrough_dev_fd(void);
 void passthrough_expect_init(uint64_t unique, int offered);
+/* A backing registration a previous daemon of the connection made. */
+void passthrough_inherit_backing(uint64_t dev, uint64_t ino, int32_t id);
 
 /* connection.c: the FUSE connection across daemon restarts */
 
@@ -100,6 +102,10 @@ int connection_kernel_passthrough(void);
 /* Called once our custom io is installed on a newly mounted session: replays
  * the saved INIT if the session is an adopted connection. */
 void connection_mounted(struct fuse_session *se);
+/* passthrough.c registered backing id for the file (dev, ino), or closed it:
+ * kept with the connection for the next daemon. */
+void connection_backing_kept(uint64_t dev, uint64_t ino, int32_t id);
+void connection_backing_closed(int32_t id);
 PyObject *fh_record_init_exchange(PyObject *self, PyObject *arg);
 PyObject *fh_adopt_connection(PyObject *self, PyObject *arg);
 PyObject *fh_session_fd(PyObject *self, PyObject *unused);

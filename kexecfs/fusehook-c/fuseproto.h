@@ -21,6 +21,15 @@
  * (FUSE_HAS_RESEND, 1 << 39; Linux >= 6.9). */
 #define KX_FUSE_HAS_RESEND_HI    (1u << 7)
 #define KX_FUSE_NOTIFY_RESEND    7           /* notify code */
+#define KX_FUSE_NOTIFY_POLL      1           /* notify code */
+#define KX_FUSE_POLL             40          /* opcode */
+#define KX_FUSE_POLL_SCHEDULE_NOTIFY (1u << 0)
+
+/* The start of struct fuse_poll_in. */
+struct kx_poll_in {
+    uint64_t fh, kh;
+    uint32_t flags, events;
+};
 /* The kernel reads an INIT reply's flags only from protocol 7.6 on, and then
  * flags2 whenever FUSE_INIT_EXT is set, and max_stack_depth whenever
  * FUSE_PASSTHROUGH is: it does not ask for 7.40.  That matters, because

@@ -94,6 +94,12 @@ struct backing {
     ino_t ino;
     int32_t id;
     unsigned long users;    /* replied opens not released yet */
+    /* Registered by a previous daemon of the connection (connection.c keeps the
+     * table with the connection): opens of it may still be live, and the
+     * kernel insists that a new open of the same inode uses the same
+     * registration, so it is kept, whatever its users here, for as long as the
+     * connection (its memory is the restored file's, held anyway). */
+    int inherited;
 };
 
 /* All touched with the GIL held, like all the extension's state. */
@@ -439,9 +445,29 @@ static struct backing *backing_get(int fd)
     b->ino = st.st_ino;
     b->id = id;
     b->users = 1;
+    b->inherited = 0;
     b->next = pt.backings;
     pt.backings = b;
+    connection_backing_kept((uint64_t)st.st_dev, (uint64_t)st.st_ino, id);
     return b;
+}
+
+void passthrough_inherit_backing(uint64_t dev, uint64_t ino, int32_t id)
+{
+    struct backing *b = malloc(sizeof(*b));
+
+    if (b == NULL) {
+        log_error(0, "out of memory: backing id %d of the previous daemon is "
+                  "not reused (opens of its file may fail with EIO)", (int)id);
+        return;
+    }
+    b->dev = (dev_t)dev;
+    b->ino = (ino_t)ino;
+    b->id = id;
+    b->users = 0;
+    b->inherited = 1;
+    b->next = pt.backings;
+    pt.backings = b;
 }
 
 /* One user less; after the last, the registration is closed. */
@@ -450,12 +476,13 @@ static void backing_put(struct backing *b)
     struct backing **p;
     uint32_t id = (uint32_t)b->id;
 
-    if (--b->users > 0)
+    if (--b->users > 0 || b->inherited)
         return;
     for (p = &pt.backings; *p != b; p = &(*p)->next)
         ;
     *p = b->next;
     free(b);
+    connection_backing_closed(id);
     if (ioctl(pt.dev_fd, KX_FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0)
         log_error(0, "FUSE_DEV_IOC_BACKING_CLOSE of backing id %u failed: %s",
                   (unsigned int)id, strerror(errno));
