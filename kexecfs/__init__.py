@@ -6,11 +6,13 @@ Layout (the architecture at a glance): two wings.
 - ``core/``      the model, FUSE-free: ``machine`` (the state machine and its one door for
                  events), ``instance`` (instances, preserved files, what a restore grants),
                  ``kinds/`` (one plug-in per preservable kind), ``image`` (the handover
-                 image format), ``capture`` (pidfd_getfd), ``errors``, ``faults``, ``syscalls``
+                 image format), ``journal`` and ``resume`` (a restart of the daemon),
+                 ``capture`` (pidfd_getfd), ``errors``, ``faults``, ``syscalls``
 - ``fs/``        the FUSE skin built on it: ``operations`` (pyfuse3, and the swap to the
                  machine a simulated kexec recovers), ``nodes`` (the tree as a table),
                  ``textfiles``, ``control`` (ioctls), ``restored`` (fds/<token>), ``daemon``
-                 (mount, main loop, readiness), ``fusehook`` (the C extension's loader)
+                 (mount, main loop, readiness), ``fusehook`` (the C extension's loader),
+                 ``restart``, ``fdstore``, ``keeper`` (what outlives the daemon)
 - ``abi``        the LUO ioctl ABI: numbers, structs, states, events (standard library only)
 - ``cli``        the ``kexecfs`` command;  ``client``: the library services use
 - ``defaults``   the default mount point and image directory

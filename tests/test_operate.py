@@ -144,7 +144,13 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         (tmp_path / unit.name).write_text(text.replace("/usr/local/bin/kexecfs", str(VENV_BIN / "kexecfs")))
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / u.name) for u in UNITS)],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    # kexecfs.service keeps its fd store across a stop with FileDescriptorStorePreserve=,
+    # which systemd knows from version 254 on; older ones ignore it (they keep the store
+    # across restarts anyway), saying so.
+    version = int(subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout.split()[1])
+    newer = "Unknown key 'FileDescriptorStorePreserve'"
+    stderr = "\n".join(line for line in r.stderr.splitlines() if version >= 254 or newer not in line)
+    assert r.returncode == 0 and not stderr.strip(), r.stderr
 
 
 def test_kexecfs_service_is_type_notify_and_ordered() -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -93,8 +94,11 @@ class Service:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self._reply() == {"ok": "ready"}
 
-    def _reply(self) -> dict[str, object]:
+    def _reply(self, timeout: float = 60) -> dict[str, object]:
         assert self.proc.stdout is not None
+        # A request nobody serves waits for ever: fail instead (the agent answers at once).
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"the container got no answer from the mount within {timeout} s"
         line = self.proc.stdout.readline()
         assert line, "the container died"
         return json.loads(line)
@@ -218,8 +222,10 @@ class Update:
     def close(self) -> None:
         if self.service is not None:
             self.service.close()
+            self.service = None
         for fd in self.own:
             os.close(fd)
+        self.own.clear()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import os
 import select
 import struct
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,18 +133,28 @@ def connect(mountpoint: Path, store: DescriptorStore, held: dict[str, int]) -> C
 
 def clear_dead_mount(mountpoint: Path) -> None:
     """A connection that died (its daemon killed with no store holding it) leaves its mount
-    answering ENOTCONN; a new mount replaces it."""
-    try:
-        # statfs always reaches the daemon; stat may be answered from the attribute
-        # cache for a second after the daemon died.
-        os.statvfs(mountpoint)
-    except FileNotFoundError:
-        pass  # created below
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise
-        log.warning("%s is the mount of a daemon that died; detaching it", mountpoint)
+    answering ENOTCONN; a new mount replaces it. So does a live one that no store handed
+    over (a request to it would wait for ever): its bind mounts stay with it."""
+    answer: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            # statfs always reaches the daemon; stat may be answered from the attribute
+            # cache for a second after the daemon died.
+            os.statvfs(mountpoint)
+            answer.append(None)
+        except OSError as exc:
+            answer.append(exc)
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    prober.join(5)
+    exc = answer[0] if answer else TimeoutError()
+    if isinstance(exc, TimeoutError) or (isinstance(exc, OSError) and exc.errno == errno.ENOTCONN):
+        log.warning("%s is the mount of a daemon that %s; detaching it", mountpoint,
+                    "died" if answer else "is gone while its connection lives on, handed to no one")
         subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+    elif exc is not None and not isinstance(exc, FileNotFoundError):
+        raise exc
     mountpoint.mkdir(parents=True, exist_ok=True)
 
 
