@@ -300,3 +300,20 @@ def test_a_file_preserved_after_a_restart_gets_a_descriptor_of_its_own(tmp_path:
     again.preserve(again.instances["vm"], ROOT, memfd(b"new after the restart"), 9)
     assert resumed(image_dir, store.copy()) == picture(again)
     assert picture(again)["files"]["vm", 1] == picture(m)["files"]["vm", 1], "an old file's descriptor was replaced"
+
+
+def test_churn_without_events_keeps_the_journal_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preserve and unpreserve for ever in normal: a snapshot now and then replaces the frames."""
+    monkeypatch.setattr(journal_mod, "COMPACT_SLACK", 64 << 10)
+    store = Store()
+    m = journaled(tmp_path / "images", store)
+    inst = m.create_instance("svc", ROOT)
+    sizes = []
+    for _ in range(2000):
+        fd = memfd(b"x" * 100)
+        m.preserve(inst, ROOT, fd, 1)
+        m.unpreserve(inst, ROOT, 1)
+        os.close(fd)
+        sizes.append((tmp_path / "images" / JOURNAL_NAME).stat().st_size)
+    assert max(sizes) < 2 * journal_mod.COMPACT_SLACK, f"the journal grew to {max(sizes)} bytes"
+    assert resumed(tmp_path / "images", store.copy())["instances"].keys() == {"svc"}

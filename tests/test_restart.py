@@ -310,3 +310,39 @@ def test_dev_liveupdate_held_before_a_restart_stays_exclusive(daemon: Daemon) ->
         except OSError:
             assert time.monotonic() < deadline, "the device stayed busy after its holder closed it"
             time.sleep(0.05)
+
+
+def test_a_second_daemon_for_a_served_mount_refuses_to_start(daemon: Daemon, tmp_path: Path) -> None:
+    """Only one daemon serves a connection: the keeper says who does."""
+    r = subprocess.run([sys.executable, "-m", "kexecfs", "mount", str(daemon.mountpoint), "--image-dir",
+                        str(daemon.image_dir), "--foreground"], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0
+    assert f"another kexecfs daemon (pid {daemon.proc.pid}) serves" in r.stderr, r.stderr  # type: ignore[union-attr]
+    assert "Traceback" not in r.stderr, r.stderr
+    assert (daemon.mountpoint / "state").read_text() == "normal\n"
+
+
+def test_a_killed_keeper_is_replaced_by_the_daemon(daemon: Daemon, container: Container) -> None:
+    """The daemon still holds everything the keeper did: a new keeper gets it all, so the
+    next crash of the daemon loses nothing either."""
+    mnt = daemon.mountpoint
+    (mnt / "svc").mkdir()
+    memfd = os.memfd_create("ram")
+    os.write(memfd, b"kept twice")
+    (mnt / "svc" / "fd_preserve").write_text(f"{memfd} 3")
+    os.close(memfd)
+    [first] = keeper_pids(daemon.image_dir)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not [p for p in keeper_pids(daemon.image_dir) if p != first]:
+        assert time.monotonic() < deadline, "no new keeper"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the new keeper is given everything
+    daemon.kill()
+    daemon.start()
+    assert container.cat("state") == "normal"
+    assert (mnt / "svc" / "fd_preserve").read_text().split()[:2] == ["3", "memfd"]
+    for event in ("prepare", "kexec"):
+        (mnt / "state").write_text(event)
+    assert (mnt / "svc" / "fds" / "3").read_bytes() == b"kept twice"

@@ -71,6 +71,7 @@ PREAMBLE = MAGIC + bytes(VERSION)
 FRAME = struct.Struct("<II")
 MAX_FRAME = 256 << 20  # a snapshot of 100,000 files is ~20 MiB; anything far beyond is damage
 RECENT_REQUESTS = 4096  # uniques remembered for requests the kernel may resend
+COMPACT_SLACK = 1 << 20  # frames beyond 4x the last snapshot and this: a snapshot replaces them
 
 #: The FUSE request being served, set by the filesystem for each request (tasks it starts
 #: inherit it): the journal records it with the change, so that the same request, resent
@@ -212,6 +213,7 @@ class Journal:
         self.on_failure: list[Callable[[], None]] = []  # what undoes its side effects if it is not
         self.machine: LiveUpdate | None = None
         self.fd = -1
+        self.size = self.snapshot_size = 0  # bytes now, and as the last snapshot left it
 
     def request(self) -> int | None:
         return current_request.get()
@@ -287,6 +289,11 @@ class Journal:
             if release:
                 self.store.release(name)
 
+    def moved_to(self, store: Keeping) -> None:
+        """Another store, holding nothing yet: the next :meth:`rewrite` stores every file anew."""
+        self.store = store
+        self.names, self.users, self.by_inode = {}, {}, {}
+
     def adopt(self, m: LiveUpdate, names: dict[tuple[int, int], str], next_name: int,
               answered: dict[int, int]) -> None:
         """Take over a resumed machine (see :mod:`.resume`): what its files are stored under."""
@@ -331,6 +338,17 @@ class Journal:
             self._answer(unique, errno_)
         for action in on_success:
             action()
+        self.size += len(frame)
+        if self.size > 4 * self.snapshot_size + COMPACT_SLACK and self.machine is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Many operations and no event (whose snapshot would shrink it): a snapshot now.
+        The frame just written is durable already; failing here only leaves it longer."""
+        try:
+            self.rewrite(self.machine)  # type: ignore[arg-type]
+        except KexecfsError as exc:
+            log.error("compacting the journal: %s", exc.message)
 
     def _answer(self, unique: int, errno_: int) -> None:
         self.answered_requests[unique] = errno_
@@ -392,6 +410,7 @@ class Journal:
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = fd  # appends go on from the end of what was just written
+        self.size = self.snapshot_size = len(data)
 
     def end(self) -> None:
         """The filesystem ended (unmounted): nothing is to survive a restart any more."""

@@ -105,7 +105,7 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
              machine.state.word, machine.boot_id)
     ended = False
     try:
-        ended = trio.run(_main_loop, fs, ready)
+        ended = trio.run(_main_loop, fs, ready, conn)
     finally:
         fusehook.set_ioctl_handler(None)
         pyfuse3.close(unmount=False)
@@ -116,12 +116,13 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
                  "for the next daemon")
 
 
-async def _main_loop(fs: KexecfsOperations, ready: Callable[[], None]) -> bool:
+async def _main_loop(fs: KexecfsOperations, ready: Callable[[], None], conn: restart.Connection) -> bool:
     """Serve; True once the connection ended (unmounted), False if stopped by a signal."""
     signalled: list[int] = []
     async with trio.open_nursery() as nursery:
         fs.nursery = nursery
         nursery.start_soon(_stop_on_signal, signalled)
+        nursery.start_soon(restart.replace_a_dead_keeper, conn, lambda: fs.machine)
         ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -141,7 +142,11 @@ async def _stop_on_signal(signalled: list[int]) -> None:
 def mount(opts: MountOptions, foreground: bool) -> int:
     """Mount kexecfs; in the background unless ``foreground``, returning once it serves."""
     if foreground:
-        serve(opts, ready=lambda: sd_notify("READY=1\nSTATUS=serving"))
+        try:
+            serve(opts, ready=lambda: sd_notify("READY=1\nSTATUS=serving"))
+        except fdstore.StoreError as exc:
+            log.error("%s", exc)
+            return 1
         return 0
     # Fork before trio or pyfuse3 start: the child serves, the parent waits on a pipe
     # and exits only when the mount answers (so mount(8) and scripts can rely on it).
@@ -166,6 +171,8 @@ def mount(opts: MountOptions, foreground: bool) -> int:
     try:
         serve(opts, ready=lambda: os.write(write_end, b"1"))
         code = 0
+    except fdstore.StoreError as exc:
+        log.error("%s", exc)
     except BaseException:
         log.exception("kexecfs daemon failed")
     finally:

@@ -19,7 +19,6 @@ one at start (:func:`open_store`):
 from __future__ import annotations
 
 import array
-import errno
 import logging
 import os
 import socket
@@ -124,13 +123,22 @@ class KeeperStore:
 
     def __init__(self, image_dir: Path) -> None:
         self.path = image_dir / keeper.SOCKET_NAME
+        self.image_dir = image_dir
+        self._hello()
+
+    def _hello(self) -> None:
         self.sock = self._connect() or self._start()
         keeper.send(self.sock, f"HELLO {os.getpid()}")
         answer, _ = keeper.receive(self.sock)
         if answer.startswith("BUSY"):
             raise StoreError(f"another kexecfs daemon (pid {answer.split()[1]}) serves this mount with the "
-                             f"image directory {image_dir}")
+                             f"image directory {self.image_dir}")
         self.keeper_pid = int(answer.split()[1])
+
+    def replace_keeper(self) -> None:
+        """The keeper died: a new one, empty (the caller stores everything again)."""
+        self.sock.close()
+        self._hello()
 
     def _connect(self) -> socket.socket | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -176,9 +184,8 @@ class KeeperStore:
     def end(self) -> None:
         try:
             keeper.send(self.sock, "END")
-        except OSError as exc:
-            if exc.errno != errno.EPIPE:
-                raise
+        except OSError:
+            pass  # gone already: a keeper also ends when the connection does
         self.sock.close()
 
 

@@ -30,14 +30,17 @@ import select
 import struct
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import trio
 
 from ..core.journal import JOURNAL_NAME, Journal, JournalDamaged, JournalState, NoJournal, load
 from ..core.machine import LiveUpdate, Policy, kernel_boot_id
 from ..core.resume import resume
 from . import fusehook
-from .fdstore import DescriptorStore
+from .fdstore import DescriptorStore, KeeperStore
 from .sessions import mount_device
 
 log = logging.getLogger("kexecfs.restart")
@@ -61,11 +64,16 @@ class Connection:
         (a connection kept without its record could not be adopted)."""
         if self.adopted:
             status = fusehook.connection_status()
+            self.store = store
             log.info("adopted the FUSE connection of %s from the %s store (requests resent: %s)",
                      self.mountpoint, store.kind, status["resend"])
             if mount_device(str(self.mountpoint)) is None:
                 log.warning("%s is no longer mounted; serving its bind mounts", self.mountpoint)
             return
+        self.store_in(store)
+
+    def store_in(self, store: DescriptorStore) -> None:
+        self.store = store
         store.keep(INIT_RECORD, self.record_fd)
         store.keep(CONNECTION, fusehook.session_fd(), watch=True)
 
@@ -102,6 +110,25 @@ class HandleNumbers:
     def _reserve(self) -> None:
         self.reserved = self.next + self.BLOCK
         os.pwrite(self.fd, struct.pack("<Q", self.reserved), self.AT)
+
+
+async def replace_a_dead_keeper(conn: Connection, machine_of: Callable[[], LiveUpdate]) -> None:
+    """While this daemon serves, its keeper must live: a keeper that died (killed by
+    someone) took every descriptor with it, and the next crash of the daemon would lose
+    them all. The daemon still has them: a new keeper gets them all again."""
+    store = getattr(conn, "store", None)
+    while isinstance(store, KeeperStore):
+        await trio.lowlevel.wait_readable(store.sock)  # the keeper never speaks unasked: this is its end
+        if not alive(fusehook.session_fd()):
+            return  # the filesystem ended (unmounted), and the keeper with it, as it should
+        log.error("the keeper (pid %d) died; starting another and storing everything in it again",
+                  store.keeper_pid)
+        store.replace_keeper()
+        conn.store_in(store)
+        machine = machine_of()
+        if isinstance(machine.record, Journal):
+            machine.record.moved_to(store)
+            machine.record.rewrite(machine)
 
 
 def alive(fd: int) -> bool:
