@@ -127,13 +127,32 @@ class KeeperStore:
         self._hello()
 
     def _hello(self) -> None:
-        self.sock = self._connect() or self._start()
-        keeper.send(self.sock, f"HELLO {os.getpid()}")
-        answer, _ = keeper.receive(self.sock)
+        answer = None
+        sock = self._connect()
+        if sock is not None:
+            answer = self._greet(sock)  # None: a keeper that is dying or dead (its socket is left)
+        if answer is None:
+            sock = self._start()
+            answer = self._greet(sock)
+        if answer is None:
+            raise StoreError(f"the keeper started for {self.path} does not answer")
+        self.sock = sock
         if answer.startswith("BUSY"):
             raise StoreError(f"another kexecfs daemon (pid {answer.split()[1]}) serves this mount with the "
                              f"image directory {self.image_dir}")
         self.keeper_pid = int(answer.split()[1])
+
+    @staticmethod
+    def _greet(sock: socket.socket) -> str | None:
+        try:
+            keeper.send(sock, f"HELLO {os.getpid()}")
+            answer, _ = keeper.receive(sock)
+        except (ConnectionResetError, BrokenPipeError):
+            answer = ""
+        if not answer:
+            sock.close()
+            return None
+        return answer
 
     def replace_keeper(self) -> None:
         """The keeper died: a new one, empty (the caller stores everything again)."""
