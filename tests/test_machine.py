@@ -283,3 +283,25 @@ def test_a_file_that_cannot_be_restored_fails_alone(machine: LiveUpdate, monkeyp
     after = machine.reboot()
     assert after.state is State.UPDATED
     assert errno_of(after.restore, after.instances["svc"], ROOT, 1) == errno.ENOSPC
+
+
+def test_freeze_reads_again_only_what_can_have_changed(machine: LiveUpdate, caplog: pytest.LogCaptureFixture) -> None:
+    """A memfd sealed against writes (F_SEAL_WRITE) at prepare is not read again at freeze;
+    an unsealed one is, whole; both come back intact."""
+    import fcntl
+
+    inst = machine.create_instance("vm", ROOT)
+    sealed, loose = memfd(os.urandom(1 << 20), "sealed"), memfd(os.urandom(1 << 20), "loose")
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    machine.preserve(inst, ROOT, sealed, 1)
+    machine.preserve(inst, ROOT, loose, 2)
+    run(machine, "prepare")
+    os.pwrite(loose, b"changed", 4096)
+    with caplog.at_level("INFO", logger="kexecfs.machine"):
+        run(machine, "freeze")
+    assert f"re-checked {1 << 20} bytes of contents, rewrote {1 << 20}" in caplog.text
+    run(machine, "kexec")
+    after = machine.reboot()
+    files = after.instances["vm"].files
+    assert os.pread(files[1].fd, 1 << 20, 0) == os.pread(sealed, 1 << 20, 0)
+    assert os.pread(files[2].fd, 1 << 20, 0) == os.pread(loose, 1 << 20, 0)

@@ -168,6 +168,7 @@ class ImageWriter:
         pwrite_all(self.fd, PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0), 0)
         self.end = DATA_START
         self.bytes_written = 0
+        self.bytes_checked = 0  # contents re-read by refresh_contents (at freeze)
         self.committed = False  # renamed over the current image
 
     def _report(self, n: int) -> None:
@@ -201,6 +202,7 @@ class ImageWriter:
         chunk = self.chunk_size
         for start, length, image_off, crcs in extents:
             for off, view in _windows(fd, start, length):
+                self.bytes_checked += len(view)
                 first = (off - start) // chunk
                 for i, crc in enumerate(_chunk_crcs(view, chunk)):
                     if crc != crcs[first + i]:
@@ -209,6 +211,10 @@ class ImageWriter:
                         self._report(n)
                 inject("image.refresh_window")
         return extents
+
+    def sync(self) -> None:
+        """Make what was written so far durable (prepare's copy, before the blackout)."""
+        os.fsync(self.fd)
 
     def commit(self, index: dict[str, Any]) -> Path:
         """Write the index and trailer, make the image durable and current; return its path."""
