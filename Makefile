@@ -37,6 +37,7 @@ run: setup
 	@echo "  exec 5<>\$$(mktemp -p /var/tmp); echo 5 > $(MOUNTPOINT)/demo/fd_preserve; cat $(MOUNTPOINT)/demo/fd_preserve"
 	@echo "  echo prepare > $(MOUNTPOINT)/state; echo kexec > $(MOUNTPOINT)/state; cat $(MOUNTPOINT)/state"
 	@echo "  cat $(MOUNTPOINT)/demo/fds/0; echo finish > $(MOUNTPOINT)/state"
+	@echo "  $(VENV)/bin/kexecfs run -- PROGRAM    # an unmodified LUO program (Linux 6.19 API) sees it as /dev/liveupdate"
 	@echo "Stop it with: make stop"
 
 stop:
