@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """One client of the load test: preserves and unpreserves memfds in one instance, racing
 the other clients of that instance for tokens, and keeps a ledger of what it holds.
-Standard library only (runs under the system python as the instance's owner).
+Standard library only, and the harness's payload module (runs under the system python as
+the instance's owner).
 
     load_worker.py INSTANCE_DIR SEED OPS TOKEN_SPACE
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -22,6 +22,10 @@ import struct
 import sys
 import time
 from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for payload
+from payload import digest  # noqa: E402
 
 FD_PRESERVE, FD_UNPRESERVE = 0x4010BA00, 0x4008BA01
 
@@ -68,6 +72,7 @@ def main() -> None:
             data = rng.randbytes(rng.choice([1, 100, 4096, 5000, 65536, rng.randrange(1, 200_000)]))
             m = os.memfd_create(f"load-{seed}-{token}", os.MFD_CLOEXEC)
             os.write(m, data)
+            sha256 = digest(m)
             try:
                 if rng.random() < 0.5:
                     fd = os.open(f"{inst}/fd_preserve", os.O_WRONLY | os.O_CLOEXEC)
@@ -88,7 +93,7 @@ def main() -> None:
                 os.close(m)  # the daemon holds its own reference now
             if token in held:
                 sys.exit(f"{inst}: preserved token {token} twice")
-            held[token] = hashlib.sha256(data).hexdigest()
+            held[token] = sha256
             counts["preserve:ok"] += 1
         done += 1
     os.close(control)
