@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """One client of the load test: preserves and unpreserves memfds in one instance, racing
 the other clients of that instance for tokens, and keeps a ledger of what it holds.
-Standard library only, and the harness's payload module (runs under the system python as
-the instance's owner).
+Standard library only, with the harness's payload module and kexecfs.abi (runs under the
+system python as the instance's owner).
 
     load_worker.py INSTANCE_DIR SEED OPS TOKEN_SPACE
 
@@ -18,16 +18,15 @@ import fcntl
 import json
 import os
 import random
-import struct
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for payload
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]  # tests/ (payload) and the checkout (kexecfs.abi)
+from kexecfs.abi import FD_PRESERVE, FD_UNPRESERVE, LIVEUPDATE_FD, TOKEN  # noqa: E402
 from payload import digest  # noqa: E402
-
-FD_PRESERVE, FD_UNPRESERVE = 0x4010BA00, 0x4008BA01
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
                     finally:
                         os.close(fd)
                 else:
-                    fcntl.ioctl(control, FD_UNPRESERVE, bytearray(struct.pack("=Q", token)))
+                    fcntl.ioctl(control, FD_UNPRESERVE, bytearray(TOKEN.pack(token)))
             except OSError as exc:
                 counts[f"unpreserve:{errno.errorcode.get(exc.errno or 0)}"] += 1
                 if exc.errno != errno.EBUSY:
@@ -81,7 +80,7 @@ def main() -> None:
                     finally:
                         os.close(fd)
                 else:
-                    fcntl.ioctl(control, FD_PRESERVE, bytearray(struct.pack("=iIQ", m, 0, token)))
+                    fcntl.ioctl(control, FD_PRESERVE, bytearray(LIVEUPDATE_FD.pack(m, 0, token)))
             except OSError as exc:
                 counts[f"preserve:{errno.errorcode.get(exc.errno or 0)}"] += 1
                 if exc.errno not in (errno.EBUSY, errno.EEXIST):
