@@ -55,8 +55,8 @@ test-hard: setup
 # liveupdate and luo_kexec_simple (a kernel tree's selftests build, or
 # make -C ../shared/luo OUT=DIR).
 test-luo: setup
-	@test -n "$(LUO_SELFTESTS)" || { echo "make test-luo LUO_SELFTESTS=DIR (see tests/test_luo_selftests.py)"; exit 2; }
-	LUO_SELFTESTS=$(abspath $(LUO_SELFTESTS)) $(PY) -m pytest -q -s tests/test_luo_selftests.py -m kernel_selftests
+	@test -n "$(LUO_SELFTESTS)" || { echo "make test-luo LUO_SELFTESTS=DIR (see tests/test_t3_luo_selftests.py)"; exit 2; }
+	LUO_SELFTESTS=$(abspath $(LUO_SELFTESTS)) $(PY) -m pytest -q -s tests/test_t3_luo_selftests.py -m kernel_selftests
 
 # The bench extra (matplotlib for the plot, py-spy for profiles) only for make bench.
 BENCH_STAMP := $(VENV)/.installed-bench

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, sh
+from harness import ROOT, Daemon, sh
 
 pytestmark = pytest.mark.kernel_selftests
 

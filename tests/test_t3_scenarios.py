@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, OTHERS_PYTHON, Daemon, others_env, public_copy, sh
+from harness import NOBODY, OTHERS_PYTHON, Daemon, as_uid, others_env, public_copy, sh
 
 
 def service(*args: str, uid: int | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [OTHERS_PYTHON, str(public_copy("tests/service.py")), *args]
     if uid is not None:
-        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+        cmd = [*as_uid(uid), *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=others_env())
 
 
@@ -42,7 +42,7 @@ class Services:
         os.chmod(self.regular, 0o666)
         self.specs = {
             "vm": ([{"token": 1, "kind": "memfd", "size": big, "pos": 4096 * 3},
-                    {"token": 2, "kind": "memfd", "size": 1 << 30, "sparse": True, "via": "file"},
+                    {"token": 2, "kind": "memfd", "size": 1 << 30, "islands": 3, "via": "file"},
                     {"token": 3, "kind": "memfd", "size": 5 << 20, "seals": ["shrink", "grow", "seal"], "pos": 17},
                     {"token": 4, "kind": "file", "path": str(self.regular), "pos": 54321}], None),
             "db": ([{"token": 7, "kind": "memfd", "size": 3 << 20, "pos": 99, "via": "file"}], NOBODY),
@@ -131,11 +131,7 @@ def test_daemon_killed_after_freeze_recovers_everything(daemon: Daemon, tmp_path
 def test_crash_during_freeze_leaves_old_or_complete_image(tmp_path: Path, point: str, recovers: bool) -> None:
     d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log")
     d.mountpoint.mkdir()
-    os.environ["KEXECFS_FAULTS"] = f"{point}=kill"
-    try:
-        d.start()
-    finally:
-        del os.environ["KEXECFS_FAULTS"]
+    d.start(faults=f"{point}=kill")
     try:
         s = Services(d, tmp_path, big=8 << 20)
         s.preserve()

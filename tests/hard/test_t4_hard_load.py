@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from hardlib import (IMAGE, OTHERS_PYTHON, FaultyDaemon, Racer, listing, needs_fuse, public_copy, sh_state_event,
-                     sha256_fd, state, write_errno)
+from harness import (IMAGE, OTHERS_PYTHON, Daemon, Racer, digest, listing, needs_fuse, public_copy,
+                     sh_state_event, state, write_errno)
 from kexecfs.core.image import HandoverImage
 
 pytestmark = needs_fuse
@@ -66,7 +66,7 @@ def drive_state_machine(mnt: Path, names: list[str], plan: list[list[str]], clie
 
 
 def run_load(tmp_path: Path, clients: int, ops: int, space: int, cycles: int) -> None:
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     mnt = d.mountpoint
     try:
@@ -113,9 +113,9 @@ def run_load(tmp_path: Path, clients: int, ops: int, space: int, cycles: int) ->
         expected: dict[tuple[str, int], str] = {}
         for name, ledgers in results.items():
             for ledger in ledgers:
-                for token, digest in ledger["held"].items():
+                for token, sha256 in ledger["held"].items():
                     assert (name, int(token)) not in expected, f"{name}/{token} held by two clients"
-                    expected[name, int(token)] = digest
+                    expected[name, int(token)] = sha256
             assert listing(mnt, name) == sorted(t for n, t in expected if n == name), f"{name}: tokens differ"
         counts = collections.Counter()  # type: ignore[var-annotated]
         for ledgers in results.values():
@@ -132,10 +132,10 @@ def run_load(tmp_path: Path, clients: int, ops: int, space: int, cycles: int) ->
         finally:
             image.close()
         assert in_image == set(expected), "the image does not hold exactly the registered files"
-        for (name, token), digest in expected.items():
+        for (name, token), sha256 in expected.items():
             fd = os.open(mnt / name / "fds" / str(token), os.O_RDONLY)
             try:
-                assert sha256_fd(fd, os.fstat(fd).st_size) == digest, f"{name}/{token}: contents differ"
+                assert digest(fd) == sha256, f"{name}/{token}: contents differ"
             finally:
                 os.close(fd)
         sh_state_event(mnt, "finish")
@@ -161,7 +161,7 @@ def test_more_files_than_a_default_soft_fd_limit(tmp_path: Path) -> None:
     preserve failed with EMFILE. The daemon now raises its soft limit to the hard one."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, max(hard, 4096)))  # what the daemon inherits
     try:
         d.start()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, OTHERS_PYTHON, ROOT, Daemon, others_env, public_copy, sh
+from harness import NOBODY, OTHERS_PYTHON, ROOT, Daemon, others_env, public_copy, sh
 from kexecfs.client import Kexecfs
 
 C_SOURCE = ROOT / "tests" / "c" / "luo_sessions.c"

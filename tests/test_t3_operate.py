@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSE_SKIP, NOBODY, OTHERS_PYTHON, ROOT, Daemon, others_env, public_copy, sh
+from harness import FUSE_SKIP, NOBODY, OTHERS_PYTHON, ROOT, Daemon, others_env, public_copy, sh
 
 VENV_BIN = Path(sys.executable).parent
 UNITS = sorted((ROOT / "systemd").glob("*.service"))

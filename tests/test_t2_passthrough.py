@@ -13,12 +13,10 @@ The tests compare with the memfd itself, opened as /proc/<daemon>/fd/<memfd> (ro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -28,19 +26,18 @@ from typing import Any
 
 import pytest
 
-from minifs import TIMEOUT, MiniMount, mini_daemon, python_env
+from harness import NOBODY, TIMEOUT, MiniMount, digest, in_fresh_interpreter, mini_daemon
 
 SIZE = 64 << 20
 CHUNK = 1 << 20
-NOBODY = 65534
 
 DAEMON = textwrap.dedent(
     r"""
-    import errno, itertools, json, os, stat, sys
+    import itertools, json, os, sys
 
-    import kexecfs.fs.fusehook as fusehook  # before pyfuse3
+    from minifs import MiniOps, serve  # loads the C extension before pyfuse3
+    import kexecfs.fs.fusehook as fusehook
     import pyfuse3
-    import trio
 
     SIZE = int(sys.argv[2])
     memfd = os.memfd_create("passthrough-test")
@@ -69,40 +66,15 @@ DAEMON = textwrap.dedent(
         )).encode()
 
 
-    class Ops(pyfuse3.Operations):
-        def attrs(self, ino):
-            entry = pyfuse3.EntryAttributes()
-            entry.st_ino = ino
-            if ino == 1:
-                entry.st_mode = stat.S_IFDIR | 0o755
-            else:
-                entry.st_mode = stat.S_IFREG | 0o666
-                if ino in BACKING:
-                    entry.st_size = os.fstat(memfd).st_size
-            entry.st_nlink = 1
-            return entry
-
-        async def lookup(self, parent, name, ctx):
-            if parent != 1 or name not in FILES:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self.attrs(FILES[name])
-
-        async def getattr(self, ino, ctx):
-            return self.attrs(ino)
-
-        async def setattr(self, ino, attr, fields, fh, ctx):
-            return self.attrs(ino)  # O_TRUNC of state/ctl: a no-op
+    class Ops(MiniOps):
+        def size(self, ino):
+            return os.fstat(memfd).st_size if ino in BACKING else 0
 
         async def opendir(self, ino, ctx):
             # A registration for the fh of a directory: opendir replies also go
             # through fuse_reply_open(), and must not take it (nor become passthrough).
             fusehook.passthrough_open(ino, memfd)
             return ino
-
-        async def readdir(self, fh, start_id, token):
-            for i, (name, ino) in enumerate(list(FILES.items())[start_id:], start_id + 1):
-                if not pyfuse3.readdir_reply(token, name, self.attrs(ino), i):
-                    break
 
         async def open(self, ino, flags, ctx):
             fh = next(next_fh)
@@ -131,21 +103,11 @@ DAEMON = textwrap.dedent(
                 os.pwrite(memfd, bytes.fromhex(hexdata), int(offset))
             return len(buf)
 
-        async def flush(self, fh):
-            pass
-
         async def release(self, fh):
             del handles[fh]
 
 
-    options = set(pyfuse3.default_options) | {"fsname=passthroughtest", "allow_other"}
-    pyfuse3.init(Ops(), sys.argv[1], options)
-    fusehook.ensure_live()
-    print("READY", flush=True)
-    try:
-        trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=False)
+    serve(Ops(FILES), sys.argv[1], "passthroughtest")
     """
 )
 
@@ -289,7 +251,7 @@ def test_mmap_is_coherent_with_the_memfd(passthrough: Mount) -> None:
 
 
 def test_unprivileged_reader(passthrough: Mount) -> None:
-    expected = hashlib.sha256(passthrough.memfd_read()).hexdigest()
+    expected = digest(passthrough.memfd_path())
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: as nobody, hash the file through the mount
@@ -300,7 +262,7 @@ def test_unprivileged_reader(passthrough: Mount) -> None:
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             fd = os.open(passthrough.f, os.O_RDONLY)
-            os.write(w, hashlib.sha256(read_all(fd, SIZE)).hexdigest().encode())
+            os.write(w, digest(fd, SIZE).encode())
             status = 0
         finally:
             os._exit(status)
@@ -418,32 +380,21 @@ def test_throughput(passthrough: Mount, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_api_outside_a_session() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                """
-                import kexecfs.fs.fusehook as fusehook
-                import pytest
+    result = in_fresh_interpreter(
+        """
+        import kexecfs.fs.fusehook as fusehook
+        import pytest
 
-                assert fusehook.passthrough_available() is False
-                assert fusehook.passthrough_stats() == (0, 0)
-                fusehook.passthrough_open(1, 0)  # a registration no open consumes
-                with pytest.raises(ValueError, match=">= 0"):
-                    fusehook.passthrough_open(2, -1)
-                with pytest.raises(TypeError):
-                    fusehook.passthrough_open("3", 0)
-                with pytest.raises(OverflowError):
-                    fusehook.passthrough_open(-4, 0)
-                print("OK")
-                """
-            ),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=python_env(),
+        assert fusehook.passthrough_available() is False
+        assert fusehook.passthrough_stats() == (0, 0)
+        fusehook.passthrough_open(1, 0)  # a registration no open consumes
+        with pytest.raises(ValueError, match=">= 0"):
+            fusehook.passthrough_open(2, -1)
+        with pytest.raises(TypeError):
+            fusehook.passthrough_open("3", 0)
+        with pytest.raises(OverflowError):
+            fusehook.passthrough_open(-4, 0)
+        print("OK")
+        """
     )
     assert result.stdout == "OK\n", result.stderr

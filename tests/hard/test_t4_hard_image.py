@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hardlib import IMAGE, FaultyDaemon, MiB, needs_fuse, state, status
+from harness import IMAGE, Daemon, MiB, needs_fuse, state, status
 from kexecfs.core.image import DATA_START, PREAMBLE, TRAILER, TRAILER_MAGIC, HandoverImage, ImageError
 from kexecfs.core.instance import Caller, Instance
 from kexecfs.core.machine import LiveUpdate, State
@@ -623,7 +623,7 @@ def daemon_sample(tmp_path: Path, source: Source, count: int, seed: int) -> None
     rng = random.Random(seed)
     index = Layout(data).index
     paths = [p for p in _paths(index) if p and _matters(p)]
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     kept = 0
     try:
         for n in range(count):

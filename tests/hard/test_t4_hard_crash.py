@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from hardlib import (IMAGE, NOBODY, FaultyDaemon, MiB, Payload, assert_no_temp, assert_old_state, fill,
+from harness import (IMAGE, NOBODY, Daemon, MiB, Payload, assert_no_temp, assert_old_state, fill,
                      instances, needs_fuse, sh_state_event, state, status, verify_restored, write_errno)
 
 pytestmark = needs_fuse
@@ -36,7 +36,7 @@ PREPARE_WINDOWS = 8
 REFRESH_WINDOWS = 7
 
 
-def standard_payload(d: FaultyDaemon, tmp_path: Path) -> Payload:
+def standard_payload(d: Daemon, tmp_path: Path) -> Payload:
     p = Payload(d.mountpoint)
     p.instance("vm")
     p.instance("db", NOBODY)
@@ -79,7 +79,7 @@ FREEZE_POINTS = (
 def crash_run(tmp_path: Path, point: str, outcome: str, last_event: str) -> None:
     """Preserve, prepare, change, then ``last_event`` (freeze or kexec) with ``point`` armed."""
     name, _, nth = point.partition("@")
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start(f"{name}=kill@{nth or 1}")
     p = standard_payload(d, tmp_path)
     try:
@@ -131,8 +131,8 @@ def test_kill_during_simulated_kexec(tmp_path: Path, point: str, outcome: str) -
     crash_run(tmp_path, point, outcome, "kexec")
 
 
-def frozen_image(tmp_path: Path, faults: str = "") -> tuple[FaultyDaemon, Payload, dict]:  # type: ignore[type-arg]
-    d = FaultyDaemon(tmp_path)
+def frozen_image(tmp_path: Path, faults: str = "") -> tuple[Daemon, Payload, dict]:  # type: ignore[type-arg]
+    d = Daemon.at(tmp_path)
     d.start(faults)
     p = standard_payload(d, tmp_path)
     sh_state_event(d.mountpoint, "prepare")
@@ -193,7 +193,7 @@ def test_unexpected_error_in_prepare_or_freeze(tmp_path: Path, point: str) -> No
     registrations kept, no temporary file, and no image left current that a restart
     would take for a completed freeze."""
     name, _, nth = point.partition("@")
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start(f"{name}=raise@{nth or 1}")
     d.expected.append(f"injected fault at {name}")
     p = standard_payload(d, tmp_path)
@@ -240,7 +240,7 @@ def test_unexpected_error_in_recovery_keeps_the_image_aside(tmp_path: Path) -> N
 
 def random_kill_run(tmp_path: Path, rng: random.Random, size: int, phase: str) -> str:
     """Kill the daemon at a random moment of ``phase`` (freeze or kexec) of ``size`` bytes."""
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     p = Payload(d.mountpoint)
     try:

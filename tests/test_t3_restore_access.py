@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSE_SKIP, NOBODY, ROOT, Daemon, sh
+from harness import FUSE_SKIP, NOBODY, ROOT, Daemon, sh
 
 REQUESTS = {
     "O_RDONLY": os.O_RDONLY, "O_WRONLY": os.O_WRONLY, "O_RDWR": os.O_RDWR,

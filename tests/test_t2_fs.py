@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, OTHERS_PYTHON, Daemon, sh
+from harness import NOBODY, OTHERS_PYTHON, Daemon, sh
 
 
 
@@ -204,11 +204,7 @@ def test_poll_wakes_on_a_transition(mnt: Path) -> None:
 def test_unexpected_error_is_eio_and_daemon_keeps_serving(tmp_path: Path) -> None:
     d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log")
     d.mountpoint.mkdir()
-    os.environ["KEXECFS_FAULTS"] = "show_status"
-    try:
-        d.start()
-    finally:
-        del os.environ["KEXECFS_FAULTS"]
+    d.start(faults="show_status")
     d.expected.append("injected fault at show_status")
     try:
         r = sh(f"cat {d.mountpoint}/status")

@@ -7,7 +7,6 @@ untouched, and once there is room the next live update works.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hardlib import (IMAGE, FaultyDaemon, MiB, Payload, assert_no_temp, fill, instances, listing, needs_fuse,
+from harness import (IMAGE, Daemon, MiB, Payload, assert_no_temp, digest, fill, instances, listing, needs_fuse,
                      sh_state_event, state, status, verify_restored, write_errno)
 from kexecfs.core import image as image_module
 from kexecfs.core.image import HandoverImage
@@ -27,11 +26,11 @@ ROOT = Caller(pid=os.getpid(), uid=0, gid=0, via="test")
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[FaultyDaemon]:
+def small_disk(tmp_path: Path) -> Iterator[Daemon]:
     images = tmp_path / "images"
     images.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "kexecfs-test-full", str(images)], check=True)
-    d = FaultyDaemon(tmp_path, image_dir=images)
+    d = Daemon.at(tmp_path, image_dir=images)
     try:
         d.start()
         yield d
@@ -46,13 +45,13 @@ def used(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def previous_images(d: FaultyDaemon) -> dict[str, str]:
+def previous_images(d: Daemon) -> dict[str, str]:
     """Every image file already in the directory, with its digest."""
-    return {str(p.relative_to(d.image_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(d.image_dir)): digest(p)
             for p in sorted(d.image_dir.rglob("*.kximg*"))}
 
 
-def make_previous_image(d: FaultyDaemon) -> None:
+def make_previous_image(d: Daemon) -> None:
     """A completed live update whose image was retired by finish: it must survive."""
     p = Payload(d.mountpoint)
     p.instance("old")
@@ -68,7 +67,7 @@ def make_previous_image(d: FaultyDaemon) -> None:
     HandoverImage.open(retired).verify()
 
 
-def check_refused(d: FaultyDaemon, before: dict[str, str], base: int, event: str) -> None:
+def check_refused(d: Daemon, before: dict[str, str], base: int, event: str) -> None:
     assert state(d.mountpoint) == "normal"
     assert instances(d.mountpoint) == ["svc"], "registrations stay"
     assert_no_temp(d.image_dir)
@@ -80,7 +79,7 @@ def check_refused(d: FaultyDaemon, before: dict[str, str], base: int, event: str
 
 
 @needs_fuse
-def test_enospc_in_prepare(small_disk: FaultyDaemon) -> None:
+def test_enospc_in_prepare(small_disk: Daemon) -> None:
     d = small_disk
     make_previous_image(d)
     before, base = previous_images(d), used(d.image_dir)
@@ -107,7 +106,7 @@ def test_enospc_in_prepare(small_disk: FaultyDaemon) -> None:
 
 @needs_fuse
 @pytest.mark.parametrize("how", ["grown", "ballast"])
-def test_enospc_in_freeze(small_disk: FaultyDaemon, tmp_path: Path, how: str) -> None:
+def test_enospc_in_freeze(small_disk: Daemon, tmp_path: Path, how: str) -> None:
     """freeze copies again what changed shape (a grown file), and writes the index: either
     can find the disk full."""
     d = small_disk

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSE_SKIP, NOBODY, Daemon, sh
+from harness import FUSE_SKIP, NOBODY, Daemon, sh
 from kexecfs import abi
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import digest, refused
 from kexecfs.core import syscalls
 from kexecfs.core.errors import KexecfsError
 from kexecfs.core.image import IMAGE_NAME
@@ -27,9 +28,7 @@ def run(machine: LiveUpdate, event: str, caller: Caller = ROOT) -> None:
 
 def refusal(fn, *args) -> KexecfsError:
     """The KexecfsError ``fn(*args)`` must raise: its errno for the caller, its message for the log."""
-    with pytest.raises(KexecfsError) as info:
-        fn(*args)
-    return info.value
+    return refused(fn, *args, error=KexecfsError)
 
 
 def errno_of(fn, *args) -> int:
@@ -161,10 +160,6 @@ def test_prepare_fails_whole_when_one_file_fails(machine: LiveUpdate, tmp_path: 
     assert not list(machine.image_dir.glob(".*.tmp")), "a failed prepare leaves no temporary image"
 
 
-def sha(fd: int) -> str:
-    return hashlib.sha256(os.pread(fd, os.fstat(fd).st_size, 0)).hexdigest()
-
-
 def test_freeze_kexec_recover_round_trip(machine: LiveUpdate, tmp_path: Path) -> None:
     inst = machine.create_instance("svc", ALICE)
     data = os.urandom(3 << 20)
@@ -194,7 +189,7 @@ def test_freeze_kexec_recover_round_trip(machine: LiveUpdate, tmp_path: Path) ->
     new = after.instances["svc"]
     assert (new.ino, new.uid) == (inst.ino, inst.uid)
     m = after.restore(new, ALICE, 1)
-    assert sha(m.fd) == hashlib.sha256(data).hexdigest()
+    assert digest(m.fd) == hashlib.sha256(data).hexdigest()
     assert os.lseek(m.fd, 0, os.SEEK_CUR) == 12345
     assert fcntl.fcntl(m.fd, fcntl.F_GET_SEALS) == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
     s = after.restore(new, ALICE, 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, OTHERS_PYTHON, ROOT, sh
+from harness import NOBODY, OTHERS_PYTHON, ROOT, sh
 from kexecfs import abi
 from kexecfs.client import Kexecfs
 

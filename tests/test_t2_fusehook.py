@@ -12,8 +12,6 @@ import errno
 import fcntl
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -23,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from minifs import TIMEOUT, MiniMount, mini_daemon, python_env
+from harness import TIMEOUT, MiniMount, in_fresh_interpreter, mini_daemon
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -48,14 +46,14 @@ FUSE_IOCTL_DIR = 1 << 4  # include/fuse_common.h
 
 DAEMON = textwrap.dedent(
     r"""
-    import errno, json, os, stat, struct, sys
+    import errno, json, struct, sys
 
-    import kexecfs.fs.fusehook as fusehook  # before pyfuse3
+    from minifs import MiniOps, serve  # loads the C extension before pyfuse3
+    import kexecfs.fs.fusehook as fusehook
     import pyfuse3
     import trio
 
     CMD = json.loads(sys.argv[2])
-    FILES = {b"f": 2, b"state": 3, b"ctl": 4}
     state = {"writes": [], "bad_replies": [], "arg": None}
     nursery = None
 
@@ -103,31 +101,7 @@ DAEMON = textwrap.dedent(
         fusehook.reply_ioctl(req, b"deferred")
 
 
-    class Ops(pyfuse3.Operations):
-        def attrs(self, ino):
-            entry = pyfuse3.EntryAttributes()
-            entry.st_ino = ino
-            entry.st_mode = (stat.S_IFDIR | 0o755) if ino == 1 else (stat.S_IFREG | 0o666)
-            entry.st_nlink = 1
-            return entry
-
-        async def lookup(self, parent, name, ctx):
-            if parent != 1 or name not in FILES:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self.attrs(FILES[name])
-
-        async def getattr(self, ino, ctx):
-            return self.attrs(ino)
-
-        async def opendir(self, ino, ctx):
-            return ino
-
-        async def releasedir(self, fh):
-            pass
-
-        async def open(self, ino, flags, ctx):
-            return pyfuse3.FileInfo(fh=ino, direct_io=True)
-
+    class Ops(MiniOps):
         async def read(self, fh, off, size):
             data = json.dumps(state).encode() if fh == 3 else b""
             return data[off:off + size]
@@ -141,12 +115,6 @@ DAEMON = textwrap.dedent(
                 state["writes"].append([pid, uid, gid, buf.decode()])
             return len(buf)
 
-        async def flush(self, fh):
-            pass
-
-        async def release(self, fh):
-            pass
-
 
     async def main():
         global nursery
@@ -155,18 +123,9 @@ DAEMON = textwrap.dedent(
             nursery.cancel_scope.cancel()
 
 
-    options = set(pyfuse3.default_options) | {"fsname=fusehooktest"}
-    if os.geteuid() == 0:
-        options.add("allow_other")  # lets the uid-65534 writer in
     fusehook.set_ioctl_handler(ioctl)
-    pyfuse3.init(Ops(), sys.argv[1], options)
-    fusehook.ensure_live()
-    state["hook_active"] = fusehook.hook_active()
-    print("READY", flush=True)
-    try:
-        trio.run(main)
-    finally:
-        pyfuse3.close(unmount=False)
+    serve(Ops({b"f": 2, b"state": 3, b"ctl": 4}), sys.argv[1], "fusehooktest", main,
+          ready=lambda: state.update(hook_active=fusehook.hook_active()))
     """
 )
 
@@ -412,19 +371,8 @@ def test_write_through_inherited_fd_reports_the_child(mount: Mount) -> None:
     assert _writes(mount, "child") == [[pid, 65534, 65534, "child"]]
 
 
-def _in_fresh_interpreter(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=python_env(),
-    )
-
-
 def test_loading_after_pyfuse3_fails_loudly() -> None:
-    result = _in_fresh_interpreter(
+    result = in_fresh_interpreter(
         """
         import pyfuse3
         import kexecfs.fs.fusehook
@@ -435,7 +383,7 @@ def test_loading_after_pyfuse3_fails_loudly() -> None:
 
 
 def test_api_outside_a_session() -> None:
-    result = _in_fresh_interpreter(
+    result = in_fresh_interpreter(
         """
         import kexecfs.fs.fusehook as fusehook
         import pytest

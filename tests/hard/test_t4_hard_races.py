@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kexecfs import abi
-from hardlib import (IMAGE, FaultyDaemon, MiB, Payload, Racer, listing, needs_fuse, sh_state_event, sha256_fd,
+from harness import (IMAGE, Daemon, MiB, Payload, Racer, digest, listing, needs_fuse, sh_state_event,
                      state, watchdog, write_errno)
 
 pytestmark = needs_fuse
@@ -33,7 +33,7 @@ def preserve(mnt: Path, inst: str, fd: int, token: int) -> int:
 def test_preserve_racing_prepare(tmp_path: Path, rounds: int) -> None:
     """Preserves that succeed all come before prepare takes the machine; after it, EBUSY;
     the image holds exactly the successes."""
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     mnt = d.mountpoint
     try:
@@ -88,7 +88,7 @@ def test_preserve_racing_prepare(tmp_path: Path, rounds: int) -> None:
 def test_rmdir_racing_preserve(tmp_path: Path, seconds: float) -> None:
     """An instance with files cannot be removed, and a removed one takes no files: at the
     end the instance holds exactly what its client believes it holds."""
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     mnt = d.mountpoint
     memfd = os.memfd_create("race")
@@ -192,7 +192,7 @@ def test_open_racing_finish(tmp_path: Path, rounds: int) -> None:
     """After a kexec, clients open fds/<token> while the owner finishes: every open that
     succeeded restored the file (right contents, valid after finish), and finish keeps
     exactly the files that were opened."""
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     mnt = d.mountpoint
     p = Payload(mnt)
@@ -239,7 +239,7 @@ def test_open_racing_finish(tmp_path: Path, rounds: int) -> None:
             assert state(mnt) == "normal"
             assert listing(mnt, inst) == sorted(opened), "finish kept other files than those opened"
             for token, fd in opened.items():
-                assert sha256_fd(fd, 8192 + token) == want[token]
+                assert digest(fd, 8192 + token) == want[token]
                 os.close(fd)
             for token in opened:
                 (mnt / inst / "fd_unpreserve").write_text(str(token))
@@ -258,7 +258,7 @@ def test_changes_while_a_kexec_recovers(tmp_path: Path, change: str) -> None:
     """A simulated kexec ends the old machine, then recovers the next one from the image
     (seconds for a large one). A change that succeeds meanwhile must not be made to the
     old machine and then dropped: each must be refused (EBUSY) or hold afterwards."""
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     mnt = d.mountpoint
     p = Payload(mnt)
@@ -336,7 +336,7 @@ def test_changes_while_a_kexec_recovers(tmp_path: Path, change: str) -> None:
         assert (d.image_dir / IMAGE).exists(), "the image being recovered was moved away"
         fd = os.open(mnt / "vm/fds/1", os.O_RDONLY)
         try:
-            assert sha256_fd(fd, 256 * MiB) == want[("vm", 1)][3]
+            assert digest(fd, 256 * MiB) == want[("vm", 1)][3]
         finally:
             os.close(fd)
         print(f"{change} during kexec: {len(results)} attempts, {len(succeeded)} succeeded, "
@@ -351,7 +351,7 @@ def test_changes_while_a_kexec_recovers(tmp_path: Path, change: str) -> None:
 def test_instances_do_not_change_once_frozen(tmp_path: Path) -> None:
     """Regression: mkdir, chown and chmod were accepted while frozen, after the image was
     written: the kexec then silently dropped them. Now EBUSY, like preserve."""
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     mnt = d.mountpoint
     try:

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from hardlib import (NOBODY, OTHERS_PYTHON, FaultyDaemon, needs_fuse, others_env, public_copy, sh_state_event, state,
+from harness import (NOBODY, OTHERS_PYTHON, Daemon, needs_fuse, others_env, public_copy, sh_state_event, state,
                      write_errno)
 
 pytestmark = needs_fuse
@@ -136,7 +136,7 @@ def check(role: Role, expected_ops: list[tuple[list[Any], str]], got: dict[str, 
 
 
 def test_permissions_matrix(tmp_path: Path) -> None:
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     mnt = d.mountpoint
     binds = tmp_path / "binds"
@@ -205,7 +205,7 @@ def test_only_root_creates_the_default_instance(tmp_path: Path) -> None:
     """Regression: the FD ioctls of the top-level control created the 'default' instance
     for whoever came first, so any uid could own an instance although only root may
     create instances (mkdir at the top is root's): it would then hold root's 'default'."""
-    d = FaultyDaemon(tmp_path)
+    d = Daemon.at(tmp_path)
     d.start()
     try:
         ops = [["preserve", "ioctl_preserve", f"{d.mountpoint}/control", 1],

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hardlib import NOBODY, FaultyDaemon, MiB, needs_fuse, state, watchdog, write_errno
+from harness import NOBODY, Daemon, MiB, needs_fuse, public_tmp, state, watchdog, write_errno
 from kexecfs import abi
 
 pytestmark = needs_fuse
@@ -64,7 +64,7 @@ def as_uid(uid: int, fn: Callable[..., Any], *args: Any) -> Any:
 class Fuzz:
     """The mount under fuzz, put back into a known shape before each example."""
 
-    def __init__(self, d: FaultyDaemon) -> None:
+    def __init__(self, d: Daemon) -> None:
         self.d = d
         self.mnt = d.mountpoint
         self.memfd = os.memfd_create("fuzz-target", os.MFD_CLOEXEC)
@@ -259,9 +259,9 @@ uids = st.sampled_from([0, OWNER, OWNER, OTHER])
 
 
 @pytest.fixture(scope="module")
-def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    d = FaultyDaemon(tmp)
+def fuzz() -> Iterator[Fuzz]:
+    tmp = public_tmp("fuzz")  # other uids write through the mount
+    d = Daemon.at(tmp)
     d.start()
     f = Fuzz(d)
     try:
