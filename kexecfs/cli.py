@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 from . import abi
-from .defaults import DEFAULT_IMAGE_DIR, DEFAULT_MOUNTPOINT
+from .defaults import DEFAULT_IMAGE_DIR, DEFAULT_MOUNTPOINT, LOG_TARGETS
 
 # -o options that are kexecfs's own; mount(8)'s generic ones are dropped, the rest go to FUSE.
-_OWN_OPTIONS = {"image_dir", "admin_group", "debug", "foreground", "log_file", "max_files", "max_bytes",
-                "no_passthrough"}
+_OWN_OPTIONS = {"image_dir", "admin_group", "debug", "foreground", "log_file", "log_target", "max_files",
+                "max_bytes", "no_passthrough"}
 _MOUNT_ONLY_OPTIONS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
                        "user", "nouser", "users", "defaults", "_netdev", "nofail", "relatime", "noatime",
                        "atime", "async", "sync"}
@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground (systemd)")
     m.add_argument("--debug", "-d", action="store_true", help="log FUSE requests too")
     m.add_argument("--admin-group", help="a group whose members may drive global events too")
-    m.add_argument("--log-file", type=Path, help="log here (default: stderr; syslog when in the background)")
+    m.add_argument("--log-file", type=Path, metavar="FILE", help="log to FILE")
+    m.add_argument("--log-target", choices=LOG_TARGETS, default="auto",
+                   help="where to log without --log-file: auto (the journal under systemd or when it runs, "
+                        "else syslog in the background and stderr in the foreground), stderr, journal "
+                        "(native protocol, with INSTANCE=, TOKEN=, EVENT= fields), syslog")
     m.add_argument("--max-files", type=int, help="preserved files a new instance may hold (default: no limit; "
                                                  "root changes it per instance in INSTANCE/files.max)")
     m.add_argument("--max-bytes", type=int, help="bytes of memfd contents a new instance may hold (default: no "
@@ -96,7 +100,11 @@ def _mount(args: argparse.Namespace) -> int:
     debug = args.debug or "debug" in own
     foreground = args.foreground or "foreground" in own
     log_file = args.log_file or (Path(own["log_file"]) if own.get("log_file") else None)
-    setup_logging(debug, log_file, background=not foreground)
+    target = own.get("log_target") or args.log_target
+    if target not in LOG_TARGETS:
+        print(f"kexecfs: log_target={target}: expected one of {', '.join(LOG_TARGETS)}", file=sys.stderr)
+        return 2
+    setup_logging(debug, log_file, background=not foreground, target=target)
     group = args.admin_group or own.get("admin_group")
     max_files = args.max_files if args.max_files is not None else own.get("max_files")
     max_bytes = args.max_bytes if args.max_bytes is not None else own.get("max_bytes")
@@ -180,7 +188,35 @@ def _shutdown_hook(args: argparse.Namespace) -> int:
     if state != "prepared":
         print(f"kexecfs: kexec with state {state}: nothing prepared, nothing to freeze")
         return 0
-    return _event(args.mount, "freeze")
+    return _freeze_telling_systemd(args.mount)
+
+
+def _freeze_telling_systemd(mount: str, beat: float = 1.0) -> int:
+    """Freeze, and while the daemon works tell systemd how far it got: STATUS= and
+    EXTEND_TIMEOUT_USEC= each time its progress moves, so that the freeze unit's stop
+    timeout never kills a freeze that is still copying (the unit has NotifyAccess=exec)."""
+    import threading
+
+    from .client import Kexecfs
+    from .systemd import sd_notify
+
+    extend = f"EXTEND_TIMEOUT_USEC={int(30e6)}"
+    sd_notify(f"STATUS=freezing the handover image\n{extend}")
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(_event(mount, "freeze")), daemon=True)
+    worker.start()
+    seen: object = None
+    while True:
+        worker.join(beat)
+        if not worker.is_alive():
+            return result[0] if result else 1
+        try:
+            progress = Kexecfs(mount).status().get("progress")
+        except OSError:
+            continue
+        if progress != seen:
+            seen = progress
+            sd_notify(f"STATUS={progress or 'freezing the handover image'}\n{extend}")
 
 
 def _image(args: argparse.Namespace) -> int:

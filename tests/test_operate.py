@@ -6,6 +6,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,9 @@ UNITS = sorted((ROOT / "systemd").glob("*.service"))
 
 def kexecfs(*args: str, mnt: Path | None = None, **kw) -> subprocess.CompletedProcess[str]:
     prefix = ["--mount", str(mnt)] if mnt else []
+    env = kw.pop("env", {**os.environ, "PYTHONPATH": str(ROOT)})
     return subprocess.run([sys.executable, "-m", "kexecfs", *prefix, *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, **kw)
+                          cwd=ROOT, env=env, timeout=60, **kw)
 
 
 def wait_unmounted(path: Path) -> None:
@@ -72,6 +74,55 @@ def test_mount_t_fuse_kexecfs_and_umount(tmp_path: Path, mount_env: dict[str, st
     wait_unmounted(mnt)
     time.sleep(0.3)
     assert "stopped" in log.read_text(), "the daemon exits cleanly on umount"
+
+
+def daemon_pid_of(mnt: Path) -> int:
+    """The daemon serving ``mnt`` (found by its command line, as an operator would with pgrep)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and os.fsencode(mnt) in argv and any(b"kexecfs" in a for a in argv):
+            return int(entry.name)
+    raise AssertionError(f"no daemon process serves {mnt}")
+
+
+def held_descriptors(pid: int) -> dict[int, str]:
+    fds = {}
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            fds[int(entry.name)] = os.readlink(entry)
+        except OSError:
+            pass
+    return fds
+
+
+def test_mount_returns_under_captured_output(tmp_path: Path, mount_env: dict[str, str]) -> None:
+    """`out=$(mount -t fuse.kexecfs ... 2>&1)` returns once the mount serves, even when the
+    daemon logs to stderr until then: the daemon holds none of the caller's descriptors
+    (not its stdout or stderr pipe, not a descriptor the shell let it inherit)."""
+    mnt, other, held = tmp_path / "mnt", tmp_path / "other", tmp_path / "held"
+    mnt.mkdir()
+    other.mkdir()
+    script = (f"exec 7>{held}; out=$(mount -t fuse.kexecfs kexecfs {mnt} -o image_dir={tmp_path}/images,"
+              f"log_target=stderr 2>&1); echo \"rc=$?\"; cat {mnt}/state")
+    try:
+        r = subprocess.run(["bash", "-c", script], env=mount_env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.splitlines() == ["rc=0", "normal"], r.stdout + r.stderr
+        # And the kexecfs command itself, as a program runs it.
+        r = subprocess.run([str(VENV_BIN / "kexecfs"), "mount", str(other), "--image-dir", str(tmp_path / "img2"),
+                            "--log-target", "stderr"], env=mount_env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert (other / "state").read_text() == "normal\n"
+        for path in (mnt, other):
+            fds = held_descriptors(daemon_pid_of(path))
+            assert [fds[n] for n in (0, 1, 2)] == ["/dev/null"] * 3, fds
+            assert str(held) not in fds.values(), fds
+    finally:
+        for path in (mnt, other):
+            subprocess.run(["umount", str(path)], capture_output=True)
+    wait_unmounted(mnt)
 
 
 def test_fstab_line(tmp_path: Path, mount_env: dict[str, str]) -> None:
@@ -157,8 +208,6 @@ def test_kexecfs_service_is_type_notify_and_ordered() -> None:
 
 def test_ready_notification_over_the_notify_socket(tmp_path: Path) -> None:
     """Type=notify readiness, sent without libsystemd, once requests are served."""
-    import socket
-
     if FUSE_SKIP:
         pytest.skip(FUSE_SKIP)
     sock_path = tmp_path / "notify"
@@ -176,6 +225,153 @@ def test_ready_notification_over_the_notify_socket(tmp_path: Path) -> None:
             assert sock.recv(4096).startswith(b"READY=1")
         finally:
             d.stop()
+
+
+def notifications_until_ready(sock: socket.socket) -> list[dict[str, str]]:
+    """The sd_notify datagrams a daemon sends up to and including READY=1, as dicts."""
+    received = []
+    while not received or "READY" not in received[-1]:
+        message = sock.recv(4096).decode()
+        received.append(dict(line.split("=", 1) for line in message.splitlines()))
+    return received
+
+
+def test_recovery_of_1gib_reports_progress_before_ready(tmp_path: Path) -> None:
+    """Recovery runs before READY=1: under a notify socket the daemon sends STATUS= progress
+    and EXTEND_TIMEOUT_USEC= meanwhile, so systemd's start timeout does not kill a large
+    recovery (the daemon here recovers 1 GiB in one memfd after being killed)."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log")
+    d.mountpoint.mkdir()
+    d.start()
+    try:
+        sh(f"mkdir {d.mountpoint}/vm", check=True)
+        code = (f"import os; m=os.memfd_create('ram'); b=os.urandom(1<<20)\n"
+                f"for i in range(1024): os.pwrite(m, b, i<<20)\n"
+                f"open('{d.mountpoint}/vm/fd_preserve','w').write(f'{{m}} 1')")
+        subprocess.run(["/usr/bin/python3", "-c", code], check=True, timeout=120)
+        sh(f"echo prepare > {d.mountpoint}/state && echo freeze > {d.mountpoint}/state", check=True, timeout=300)
+        d.kill()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(str(tmp_path / "notify"))
+            sock.settimeout(120)
+            os.environ["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+            try:
+                d.start()
+            finally:
+                del os.environ["NOTIFY_SOCKET"]
+            received = notifications_until_ready(sock)
+        assert (d.mountpoint / "state").read_text() == "updated\n"
+        before_ready = received[:-1]
+        assert any(m.get("STATUS", "").startswith("recovery: ") and "of 1024 MiB" in m["STATUS"]
+                   for m in before_ready), received
+        extensions = [int(m["EXTEND_TIMEOUT_USEC"]) for m in before_ready if "EXTEND_TIMEOUT_USEC" in m]
+        assert extensions and all(e >= 10_000_000 for e in extensions), received
+        assert "state updated" in received[-1]["STATUS"], received
+    finally:
+        d.stop()
+
+
+def test_freeze_hook_extends_its_stop_timeout(daemon: Daemon, tmp_path: Path) -> None:
+    """`kexecfs shutdown-hook` (kexecfs-freeze.service's ExecStop) tells systemd how the freeze
+    goes, with EXTEND_TIMEOUT_USEC=, so the unit's stop timeout does not cut a long freeze."""
+    mnt = daemon.mountpoint
+    sh(f"mkdir {mnt}/vm", check=True)
+    code = (f"import os; m=os.memfd_create('ram'); b=os.urandom(1<<20)\n"
+            f"for i in range(16): os.pwrite(m, b, i<<20)\n"
+            f"open('{mnt}/vm/fd_preserve','w').write(f'{{m}} 1')")
+    subprocess.run(["/usr/bin/python3", "-c", code], check=True, timeout=120)
+    (mnt / "state").write_text("prepare\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify"))
+        sock.settimeout(0)
+        r = kexecfs("shutdown-hook", "--force", mnt=mnt, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                                 "NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert r.returncode == 0 and r.stdout.strip() == "frozen", r.stdout + r.stderr
+        received = []
+        while True:
+            try:
+                received.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+    assert received and all("EXTEND_TIMEOUT_USEC=30000000" in m for m in received), received
+    (mnt / "state").write_text("cancel\n")
+
+
+def parse_journal_entry(data: bytes) -> dict[str, str]:
+    """One datagram of the journal's native protocol, as journald reads it."""
+    fields, pos = {}, 0
+    while pos < len(data):
+        end = data.index(b"\n", pos)
+        line = data[pos:end]
+        if b"=" in line:
+            key, value = line.split(b"=", 1)
+            pos = end + 1
+        else:  # KEY, newline, 64-bit little-endian length, the value, newline
+            key, size = line, int.from_bytes(data[end + 1:end + 9], "little")
+            value = data[end + 9:end + 9 + size]
+            assert data[end + 9 + size:end + 10 + size] == b"\n"
+            pos = end + 10 + size
+        fields[key.decode()] = value.decode()
+    return fields
+
+
+def test_journal_native_protocol_round_trip() -> None:
+    """A value with a newline (a traceback) goes length-prefixed; the rest as KEY=value."""
+    from kexecfs.systemd import journal_entry
+
+    fields = {"MESSAGE": "line one\nline two", "INSTANCE": "db", "TOKEN": "3"}
+    assert parse_journal_entry(journal_entry(fields)) == fields
+
+
+def test_journal_entries_carry_instance_token_event(tmp_path: Path) -> None:
+    """Under systemd (JOURNAL_STREAM names the daemon's stderr) the daemon logs to the journal
+    over its native protocol, so that `journalctl INSTANCE=db` finds what happened to db:
+    its preserve (INSTANCE=, TOKEN=) and the prepare that its deleted file failed (EVENT=).
+    journald is a datagram socket of this test's, bind-mounted over
+    /run/systemd/journal/socket in a mount namespace of the daemon's own."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    mnt, journal, victim = tmp_path / "mnt", tmp_path / "journal.sock", tmp_path / "victim"
+    mnt.mkdir()
+    victim.write_bytes(b"v" * 100)
+    stderr = open(tmp_path / "stderr", "wb")
+    st = os.fstat(stderr.fileno())
+    setup = (f"mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && touch /run/systemd/journal/socket "
+             f"&& mount --bind {journal} /run/systemd/journal/socket && exec \"$@\"")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(journal))
+        sock.settimeout(30)
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", sys.executable, "-m",
+             "kexecfs", "mount", str(mnt), "--image-dir", str(tmp_path / "img"), "--foreground"],
+            stderr=stderr, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        inside = ["nsenter", f"--target={proc.pid}", "--mount", "bash", "-c"]
+        try:
+            script = (f"for i in $(seq 300); do cat {mnt}/state 2>/dev/null && break; sleep 0.1; done; "
+                      f"mkdir {mnt}/db; exec 5<>{victim}; echo '5 7' > {mnt}/db/fd_preserve; rm {victim}; "
+                      f"echo prepare > {mnt}/state; umount {mnt}")
+            r = subprocess.run([*inside, script], capture_output=True, text=True, timeout=60)
+            assert "write error" in r.stderr, r.stdout + r.stderr
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+        entries = []
+        sock.settimeout(0)
+        while True:
+            try:
+                entries.append(parse_journal_entry(sock.recv(1 << 16)))
+            except BlockingIOError:
+                break
+    assert (tmp_path / "stderr").read_bytes() == b"", "every line went to the journal, none to stderr"
+    assert all(e["SYSLOG_IDENTIFIER"] == "kexecfs" and e["PRIORITY"].isdigit() for e in entries), entries
+    about_db = [e for e in entries if e.get("INSTANCE") == "db"]
+    preserved = [e for e in about_db if "preserved token 7" in e["MESSAGE"]]
+    assert preserved and preserved[0]["TOKEN"] == "7" and preserved[0]["PRIORITY"] == "6", about_db
+    failed = [e for e in about_db if e.get("EVENT") == "prepare"]
+    assert failed and failed[0]["TOKEN"] == "7" and failed[0]["PRIORITY"] == "3", about_db
+    assert "fd_unpreserve" in failed[0]["MESSAGE"], failed
 
 
 def test_container_sees_only_its_instance(daemon: Daemon, tmp_path: Path) -> None:
