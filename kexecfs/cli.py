@@ -1,17 +1,18 @@
 """The ``kexecfs`` command.
 
-    kexecfs mount MOUNTPOINT [--image-dir DIR] [--foreground] [--debug] [--admin-group G] [-o OPTS]
-    kexecfs status [--json]              the status file as a table (or JSON)
+    kexecfs mount MOUNTPOINT [--image-dir DIR] [--foreground] [--log-target T] [-o OPTS] ...
+    kexecfs status [--json]              the status file as a table (or typed JSON)
+    kexecfs instances [--json]           instances with their state, owner and preserved files
     kexecfs event EVENT                  prepare | freeze | cancel | kexec | finish
     kexecfs kexec                        a simulated kexec (same as "event kexec")
     kexecfs image show FILE | image verify FILE
-    kexecfs instances                    instances with their state, owner and preserved files
     kexecfs preserve --instance NAME --fd N [--token T]   preserve this command's fd N (for scripts:
                                          "kexecfs preserve --instance db --fd 5 5<>/var/lib/db/journal")
     kexecfs shutdown-hook [--force]      freeze if a kexec is under way (systemd's kexecfs-freeze.service)
 
 ``mount -t fuse.kexecfs kexecfs /run/kexecfs -o image_dir=/var/lib/kexecfs`` works too:
 mount.fuse3 runs ``kexecfs kexecfs /run/kexecfs -o OPTS``, which this command accepts.
+The JSON of status and instances is a stable interface: docs/json.md.
 """
 
 from __future__ import annotations
@@ -48,48 +49,56 @@ def _split_mount_options(values: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kexecfs", description="live-update filesystem (LUO kexecfs interface)")
-    p.add_argument("--mount", default=DEFAULT_MOUNTPOINT, help="where kexecfs is mounted (for the client commands)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--mount", default=DEFAULT_MOUNTPOINT, metavar="MOUNTPOINT",
+                   help=f"where kexecfs is mounted, for the commands other than mount (default {DEFAULT_MOUNTPOINT})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _mount_parser(sub.add_parser("mount", help="mount kexecfs (in the background unless --foreground)"))
 
-    m = sub.add_parser("mount", help="mount kexecfs")
-    m.add_argument("mountpoint", type=Path)
-    m.add_argument("--image-dir", type=Path, help=f"where handover images live (default {DEFAULT_IMAGE_DIR})")
-    m.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground (systemd)")
+    s = sub.add_parser("status", help="show the status file: state, counts, image, last durations")
+    s.add_argument("--json", action="store_true", help="typed JSON (docs/json.md)")
+    i = sub.add_parser("instances", help="list instances: state, owner, preserved files and bytes")
+    i.add_argument("--json", action="store_true", help="typed JSON with every preserved file (docs/json.md)")
+
+    e = sub.add_parser("event", help="send a global event to the state machine")
+    e.add_argument("event", choices=abi.EVENTS, help="the event: " + ", ".join(abi.EVENTS))
+    sub.add_parser("kexec", help="simulated kexec: freeze if prepared, drop everything, recover from the image")
+    pr = sub.add_parser("preserve", help="preserve one of this command's inherited descriptors")
+    pr.add_argument("--instance", required=True, help="the instance to preserve it in")
+    pr.add_argument("--fd", type=int, required=True, help="the descriptor number, inherited from the caller")
+    pr.add_argument("--token", type=int, help="the token to preserve it under (default: the lowest free one)")
+    sh = sub.add_parser("shutdown-hook", help="freeze the prepared image if the system is kexecing")
+    sh.add_argument("--force", action="store_true", help="freeze even if no kexec job is queued")
+
+    im = sub.add_parser("image", help="inspect a handover image")
+    isub = im.add_subparsers(dest="image_command", required=True, metavar="SUBCOMMAND")
+    for name, text in (("show", "print the image as JSON"), ("verify", "check every checksum")):
+        isub.add_parser(name, help=text).add_argument("file", type=Path, help="the image file")
+    return p
+
+
+def _mount_parser(m: argparse.ArgumentParser) -> None:
+    m.add_argument("mountpoint", type=Path, help="the directory to mount on")
+    m.add_argument("--image-dir", type=Path, metavar="DIR",
+                   help=f"where handover images live (default {DEFAULT_IMAGE_DIR}); on storage that survives "
+                        "the kexec: a disk or a DAX filesystem, not tmpfs")
+    m.add_argument("--foreground", "-f", action="store_true",
+                   help="serve in the foreground (systemd); READY=1 and progress go to $NOTIFY_SOCKET")
     m.add_argument("--debug", "-d", action="store_true", help="log FUSE requests too")
-    m.add_argument("--admin-group", help="a group whose members may drive global events too")
+    m.add_argument("--admin-group", metavar="GROUP", help="a group whose members may drive global events too")
     m.add_argument("--log-file", type=Path, metavar="FILE", help="log to FILE")
     m.add_argument("--log-target", choices=LOG_TARGETS, default="auto",
                    help="where to log without --log-file: auto (the journal under systemd or when it runs, "
                         "else syslog in the background and stderr in the foreground), stderr, journal "
                         "(native protocol, with INSTANCE=, TOKEN=, EVENT= fields), syslog")
-    m.add_argument("--max-files", type=int, help="preserved files a new instance may hold (default: no limit; "
-                                                 "root changes it per instance in INSTANCE/files.max)")
-    m.add_argument("--max-bytes", type=int, help="bytes of memfd contents a new instance may hold (default: no "
-                                                 "limit; per instance in INSTANCE/bytes.max)")
+    m.add_argument("--max-files", type=int, metavar="N", help="preserved files a new instance may hold (default: "
+                                                               "no limit; root changes it in INSTANCE/files.max)")
+    m.add_argument("--max-bytes", type=int, metavar="N", help="bytes of memfd contents a new instance may hold "
+                                                               "(default: no limit; INSTANCE/bytes.max)")
     m.add_argument("--no-passthrough", action="store_true",
                    help="serve restored files through the daemon even where FUSE passthrough works")
-    m.add_argument("-o", dest="options", action="append", default=[], help="mount options (image_dir=, ...)")
-
-    s = sub.add_parser("status", help="show the status file")
-    s.add_argument("--json", action="store_true")
-
-    e = sub.add_parser("event", help="send a global event")
-    e.add_argument("event", choices=abi.EVENTS)
-    sub.add_parser("kexec", help="simulated kexec: freeze if prepared, drop everything, recover from the image")
-
-    sub.add_parser("instances", help="list instances")
-    pr = sub.add_parser("preserve", help="preserve one of this command's inherited descriptors")
-    pr.add_argument("--instance", required=True)
-    pr.add_argument("--fd", type=int, required=True)
-    pr.add_argument("--token", type=int)
-    sh = sub.add_parser("shutdown-hook", help="freeze the prepared image if the system is kexecing")
-    sh.add_argument("--force", action="store_true", help="freeze even if no kexec job is queued")
-
-    i = sub.add_parser("image", help="inspect a handover image")
-    isub = i.add_subparsers(dest="image_command", required=True)
-    for name, text in (("show", "print the image as JSON"), ("verify", "check every checksum")):
-        isub.add_parser(name, help=text).add_argument("file", type=Path)
-    return p
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="mount options, comma separated: image_dir=, admin_group=, log_file=, log_target=, "
+                        "max_files=, max_bytes=, debug, foreground, no_passthrough; others go to FUSE")
 
 
 def _mount(args: argparse.Namespace) -> int:
@@ -120,14 +129,16 @@ def _mount(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    lines = (Path(args.mount) / "status").read_text().splitlines()
-    status = dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "") for line in lines)
+    from . import report
+
+    status = report.read_status(Path(args.mount))
     if args.json:
         print(json.dumps(status, indent=2))
-    else:
-        width = max(map(len, status))
-        for key, value in status.items():
-            print(f"{key:<{width}}  {value}")
+        return 0
+    del status["version"], status["mount"]
+    width = max(map(len, status))
+    for key, value in status.items():
+        print(f"{key:<{width}}  {'' if value is None else value}")
     return 0
 
 
@@ -143,16 +154,18 @@ def _event(mount: str, event: str) -> int:
 
 
 def _instances(args: argparse.Namespace) -> int:
+    from . import report
     from .client import Kexecfs
 
-    kx = Kexecfs(args.mount)
+    Kexecfs(args.mount)  # a clear error unless kexecfs serves there
+    listing = report.read_instances(Path(args.mount))
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
     rows = [("INSTANCE", "STATE", "OWNER", "FILES", "BYTES")]
-    for name in kx.instances():
-        inst = kx.instance(name)
-        st = inst.path.stat()
-        files = inst.preserved()
-        rows.append((name, (inst.path / "state").read_text().strip(), f"{st.st_uid}:{st.st_gid}",
-                     str(len(files)), str(sum(f.size for f in files))))
+    for inst in listing["instances"]:
+        rows.append((inst["name"], inst["state"], f"{inst['owner']['uid']}:{inst['owner']['gid']}",
+                     str(inst["files"]), str(inst["bytes"])))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -197,7 +210,7 @@ def _freeze_telling_systemd(mount: str, beat: float = 1.0) -> int:
     timeout never kills a freeze that is still copying (the unit has NotifyAccess=exec)."""
     import threading
 
-    from .client import Kexecfs
+    from .report import read_status
     from .systemd import sd_notify
 
     extend = f"EXTEND_TIMEOUT_USEC={int(30e6)}"
@@ -211,7 +224,7 @@ def _freeze_telling_systemd(mount: str, beat: float = 1.0) -> int:
         if not worker.is_alive():
             return result[0] if result else 1
         try:
-            progress = Kexecfs(mount).status().get("progress")
+            progress = read_status(Path(mount)).get("progress")
         except OSError:
             continue
         if progress != seen:

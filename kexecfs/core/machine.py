@@ -98,6 +98,11 @@ class LiveUpdate:
         self.last_error = ""
         self.on_progress: Callable[[str], None] | None = None  # hears every change of ``progress``
         self.progress = ""
+        # What operators and metrics read (None: never happened here).
+        self.last_freeze_seconds: float | None = None  # the last freeze (carried over a simulated kexec)
+        self.last_recovery_seconds: float | None = None  # this boot's recovery of an image
+        self.last_blackout_seconds: float | None = None  # from the start of that image's freeze to recovered
+        self.recovery_failures = 0  # images this daemon refused to recover (damaged)
         self.listeners: list[Callable[[], None]] = []
         self._next_ino = FIRST_INSTANCE_INO
         self._writer: ImageWriter | None = None  # the image being built, between prepare and freeze
@@ -127,7 +132,26 @@ class LiveUpdate:
             "preserved_bytes": sum(pf.size for pf in files), "image_dir": str(self.image_dir),
             "last_image": str(self.last_image or ""), "last_error": self.last_error,
             "progress": self.progress,
+            "last_freeze_seconds": self.last_freeze_seconds, "last_recovery_seconds": self.last_recovery_seconds,
+            "last_blackout_seconds": self.last_blackout_seconds, "recovery_failures": self.recovery_failures,
+            "unrestorable_files": sum(1 for _inst, pf in self._files() if pf.error is not None),
         }
+
+    def problem(self, pf: PreservedFile) -> str:
+        """Why ``pf`` would make the next prepare fail (the very check prepare makes), or why
+        it could not be restored after the kexec; "" if nothing is wrong."""
+        if pf.error is not None:
+            return pf.error.message
+        if pf.fd < 0:
+            return ""
+        try:
+            pf.kind.validate(pf.fd)
+        except Exception as exc:
+            answer = refusal(exc)
+            if answer is None:
+                raise
+            return answer.message
+        return ""
 
     def lookup(self, name: str) -> Instance:
         try:
@@ -361,6 +385,7 @@ class LiveUpdate:
     def _freeze(self) -> None:
         writer = self._writer
         assert writer is not None
+        started, started_at = time.monotonic(), time.time()
         writer.progress = self._progress("freeze")
         try:
             records = [inst.record() for inst in self.instances.values()]
@@ -374,7 +399,9 @@ class LiveUpdate:
                 fields["flags"] = pf.preserved_flags
                 records.append({"type": "file", "instance": inst.name, "token": pf.token,
                                 "kind": pf.kind.name, **fields})
-            self.last_image = writer.commit({"writer": writer_info(self.boot_id, self.kexec_count),
+            # The next boot reckons the blackout from when the freeze began (wall clock: it goes on across a kexec).
+            self.last_image = writer.commit({"writer": {**writer_info(self.boot_id, self.kexec_count),
+                                                        "freeze_started": started_at},
                                              "state": State.FROZEN.word, "records": records})
         except BaseException:
             writer.abort()
@@ -387,6 +414,7 @@ class LiveUpdate:
             raise
         self._writer, self._prepared = None, {}
         self.state = State.FROZEN
+        self.last_freeze_seconds = time.monotonic() - started
 
     def _cancel(self) -> None:
         if self.state is State.FROZEN:
@@ -422,8 +450,12 @@ class LiveUpdate:
     def reboot(self) -> LiveUpdate:
         """The machine the next boot of a simulated kexec finds: a new boot id, and
         whatever the image directory alone holds (call after the kexec event)."""
-        return LiveUpdate.boot(self.image_dir, boot_id=str(uuid.uuid4()), kexec_count=self.kexec_count + 1,
-                               policy=self.policy, on_progress=self.on_progress)
+        new = LiveUpdate.boot(self.image_dir, boot_id=str(uuid.uuid4()), kexec_count=self.kexec_count + 1,
+                              policy=self.policy, on_progress=self.on_progress)
+        # The same daemon lives on: what it measured and counted before the kexec stays true.
+        new.last_freeze_seconds = self.last_freeze_seconds
+        new.recovery_failures += self.recovery_failures
+        return new
 
     @classmethod
     def boot(cls, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,
@@ -459,6 +491,7 @@ class LiveUpdate:
             aside = path.with_name(f"{IMAGE_NAME}.damaged-{int(time.time())}-{uuid.uuid4().hex[:8]}")
             os.rename(path, aside)
             machine.last_error = f"recovery: {exc}; kept aside as {aside.name}"
+            machine.recovery_failures += 1
             machine.progress = ""
             machine.instances.clear()
             machine.by_ino.clear()
@@ -510,6 +543,10 @@ class LiveUpdate:
             image.close()
         self.state = State.UPDATED
         self.last_image = path
+        self.last_recovery_seconds = time.monotonic() - started
+        freeze_started = image.writer.get("freeze_started")
+        if isinstance(freeze_started, float) and time.time() >= freeze_started:  # (a clock set back: unknown)
+            self.last_blackout_seconds = time.time() - freeze_started
         self.progress = ""
         log.info("recovered %s: %d instance(s), %d file(s), %d bytes of contents in %.3f s; state updated",
                  path, len(self.instances), sum(len(i.files) for i in self.instances.values()), total,
