@@ -3,6 +3,7 @@
     kexecfs mount MOUNTPOINT [--image-dir DIR] [--foreground] [--log-target T] [-o OPTS] ...
     kexecfs status [--json]              the status file as a table (or typed JSON)
     kexecfs instances [--json]           instances with their state, owner and preserved files
+    kexecfs check [--json]               preflight: is the machine ready for a live update? (exit 0/1)
     kexecfs event EVENT                  prepare | freeze | cancel | kexec | finish
     kexecfs kexec                        a simulated kexec (same as "event kexec")
     kexecfs image show FILE | image verify FILE
@@ -12,7 +13,7 @@
 
 ``mount -t fuse.kexecfs kexecfs /run/kexecfs -o image_dir=/var/lib/kexecfs`` works too:
 mount.fuse3 runs ``kexecfs kexecfs /run/kexecfs -o OPTS``, which this command accepts.
-The JSON of status and instances is a stable interface: docs/json.md.
+The JSON of status, instances and check is a stable interface: docs/json.md.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="typed JSON (docs/json.md)")
     i = sub.add_parser("instances", help="list instances: state, owner, preserved files and bytes")
     i.add_argument("--json", action="store_true", help="typed JSON with every preserved file (docs/json.md)")
+    c = sub.add_parser("check", help="preflight: report whether the machine is ready for a live update "
+                                     "(exit 0 ready, 1 not)")
+    c.add_argument("--json", action="store_true", help="the findings as JSON")
+    c.add_argument("--quiet", "-q", action="store_true", help="print only failures")
 
     e = sub.add_parser("event", help="send a global event to the state machine")
     e.add_argument("event", choices=abi.EVENTS, help="the event: " + ", ".join(abi.EVENTS))
@@ -172,6 +177,22 @@ def _instances(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from . import preflight
+
+    findings = preflight.run_checks(Path(args.mount))
+    ready = preflight.ready(findings)
+    if args.json:
+        print(json.dumps(preflight.as_json(findings), indent=2))
+    else:
+        for finding in findings:
+            if not args.quiet or finding.level == "fail":
+                print(finding.line())
+        if not args.quiet:
+            print("Ready for a live update." if ready else "Not ready for a live update.")
+    return 0 if ready else 1
+
+
 def _preserve(args: argparse.Namespace) -> int:
     from .client import Kexecfs
 
@@ -265,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command in ("event", "kexec"):
         return _event(args.mount, getattr(args, "event", "kexec"))
-    handlers = {"instances": _instances, "preserve": _preserve, "shutdown-hook": _shutdown_hook, "image": _image}
+    handlers = {"instances": _instances, "check": _check, "preserve": _preserve,
+                "shutdown-hook": _shutdown_hook, "image": _image}
     return handlers[args.command](args)
 
 

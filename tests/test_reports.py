@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import NOBODY, ROOT, Daemon, sh
+import pytest
+
+from conftest import FUSE_SKIP, NOBODY, ROOT, Daemon, sh
 
 NoneType = type(None)
 # The documented schema (docs/json.md), written out here so that the code cannot drift from it.
@@ -36,9 +38,9 @@ def kexecfs(mnt: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
 
 
-def json_of(mnt: Path, *args: str) -> Any:
+def json_of(mnt: Path, *args: str, status: int = 0) -> Any:
     r = kexecfs(mnt, *args, "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == status, r.stderr
     return json.loads(r.stdout)
 
 
@@ -106,3 +108,129 @@ def test_a_damaged_image_counts_as_a_recovery_failure(daemon: Daemon) -> None:
     status = json_of(mnt, "status")
     assert status["recovery_failures"] == 1 and status["state"] == "normal"
     assert "recovery:" in status["last_error"] and status["last_recovery_seconds"] is None
+
+
+# ---------------------------------------------------------------------------- kexecfs check
+
+CHECKS = {"mount", "pidfd_getfd", "passthrough", "image_dir", "free_space", "kexec_loaded", "luo", "state", "instance"}
+
+
+def in_kernel_with_kexec(*cmd: str, loaded: str | None = "0") -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` where /sys/kernel/kexec_loaded reads ``loaded`` (None: is missing, as in a
+    kernel without kexec): a tmpfs over /sys/kernel in a mount namespace of its own, so
+    that what check finds does not depend on the kernel this test runs on."""
+    setup = "mount -t tmpfs tmpfs /sys/kernel" + ("" if loaded is None else f" && echo {loaded} > /sys/kernel/kexec_loaded")
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"',
+                           "sh", *cmd], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def check(mnt: Path, *args: str, loaded: str | None = "0") -> tuple[int, list[str]]:
+    r = in_kernel_with_kexec(sys.executable, "-m", "kexecfs", "--mount", str(mnt), "check", *args, loaded=loaded)
+    assert not r.stderr, r.stderr
+    return r.returncode, r.stdout.splitlines()
+
+
+def check_json(mnt: Path, status: int = 0) -> Any:
+    r = in_kernel_with_kexec(sys.executable, "-m", "kexecfs", "--mount", str(mnt), "check", "--json")
+    assert r.returncode == status, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def test_check_says_ready_with_one_line_per_finding(daemon: Daemon) -> None:
+    mnt = daemon.mountpoint
+    sh(f"mkdir {mnt}/db", check=True)
+    preserve_memfd(mnt, "db", 1 << 20, 1)
+    code, lines = check(mnt)
+    assert code == 0, lines
+    assert lines[-1] == "Ready for a live update."
+    findings = lines[:-1]
+    assert all(line.split()[0] in ("ok", "warn") for line in findings), findings
+    assert any(line.startswith("ok    pidfd_getfd:") for line in findings), findings
+    assert any(line.startswith("ok    image_dir:") and str(daemon.image_dir) in line for line in findings)
+    assert any(line.startswith("ok    instance db: normal, 1 file(s)") for line in findings), findings
+    assert any(line.startswith("warn  kexec_loaded: no kernel is loaded") for line in findings), findings
+    assert check(mnt, loaded="1")[0] == 0
+    code, lines = check(mnt, "--quiet", loaded=None)
+    assert code == 1 and lines == ["fail  kexec_loaded: /sys/kernel/kexec_loaded is missing: the running kernel "
+                                   "cannot kexec (CONFIG_KEXEC or CONFIG_KEXEC_FILE); fix: boot a kernel built "
+                                   "with kexec"], lines
+    report = check_json(mnt)
+    assert report["version"] == 1 and report["ready"] is True
+    assert {f["check"] for f in report["findings"]} >= CHECKS
+    for f in report["findings"]:
+        assert_schema(f, {"check": (str,), "level": (str,), "message": (str,), "fix": (str, NoneType),
+                          "instance": (str, NoneType), "token": (int, NoneType)}, f"finding {f['check']}")
+
+
+def test_check_names_the_file_that_would_fail_prepare_and_its_fix(daemon: Daemon, tmp_path: Path) -> None:
+    """A preserved regular file deleted on disk fails every prepare on the host: check says
+    so before, naming instance and token, and the one command it prints clears it."""
+    mnt = daemon.mountpoint
+    sh(f"mkdir {mnt}/db", check=True)
+    preserve_memfd(mnt, "db", 4096, 1)
+    victim = tmp_path / "journal"
+    victim.write_bytes(b"j" * 100)
+    sh(f"exec 5<>{victim}; echo '5 3' > {mnt}/db/fd_preserve; rm {victim}", check=True)
+    code, lines = check(mnt)
+    assert code == 1 and lines[-1] == "Not ready for a live update.", lines
+    failures = [line for line in lines if line.startswith("fail")]
+    fix = f"echo 3 > {mnt}/db/fd_unpreserve"
+    assert failures == [f"fail  instance db token 3: is no longer a file: a deleted regular file on "
+                        f"a filesystem of type 0xef53; fix: {fix}"], failures
+    assert "write error" in sh(f"echo prepare > {mnt}/state").stderr, "the same condition fails prepare"
+    (finding,) = [f for f in check_json(mnt, status=1)["findings"] if f["level"] == "fail"]
+    assert (finding["instance"], finding["token"], finding["fix"]) == ("db", 3, fix)
+    sh(fix, check=True)
+    assert check(mnt)[0] == 0
+    sh(f"echo prepare > {mnt}/state", check=True)
+
+
+def test_check_fails_over_bytes_max_and_in_updated(daemon: Daemon) -> None:
+    mnt = daemon.mountpoint
+    sh(f"mkdir {mnt}/db", check=True)
+    preserve_memfd(mnt, "db", 1 << 20, 1)
+    sh(f"echo 4096 > {mnt}/db/bytes.max", check=True)  # below what it holds: prepare would refuse (EDQUOT)
+    code, lines = check(mnt, "--quiet")
+    assert code == 1 and len(lines) == 1 and "over its bytes.max of 4096" in lines[0], lines
+    sh(f"echo max > {mnt}/db/bytes.max && echo prepare > {mnt}/state && echo kexec > {mnt}/state", check=True)
+    code, lines = check(mnt, "--quiet")
+    assert code == 1 and lines == [f"fail  state: updated: the last update is not finished, so prepare is "
+                                   f"refused; fix: echo finish > {mnt}/state (drops what was not restored)"]
+
+
+def test_check_fails_for_an_image_dir_on_tmpfs_without_room(tmp_path: Path) -> None:
+    """tmpfs is RAM of the old kernel: an image there does not survive a real kexec. This
+    one is also too small for what is preserved."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    images = tmp_path / "ram"
+    images.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(images)], check=True)
+    d = Daemon(tmp_path / "mnt", images / "img", tmp_path / "log")
+    d.mountpoint.mkdir()
+    try:
+        d.start()
+        sh(f"mkdir {d.mountpoint}/vm", check=True)
+        preserve_memfd(d.mountpoint, "vm", 4 << 20, 1)
+        code, lines = check(d.mountpoint, "--quiet")
+        assert code == 1
+        assert [line.split(":")[0] for line in lines] == ["fail  image_dir", "fail  free_space"], lines
+        assert "is on tmpfs" in lines[0] and "the image needs 4.0 MiB" in lines[1]
+    finally:
+        d.stop()
+        subprocess.run(["umount", "-l", str(images)])
+
+
+def test_check_without_a_mount(tmp_path: Path) -> None:
+    code, lines = check(tmp_path)
+    assert code == 1 and lines[0].startswith(f"fail  mount: {tmp_path}") and "fix: systemctl start" in lines[0]
+
+
+def test_check_reports_luo(tmp_path: Path) -> None:
+    """A kernel with LUO has /dev/liveupdate; kexecfs works with or without it."""
+    r = in_kernel_with_kexec(sys.executable, "-m", "kexecfs", "--mount", str(tmp_path), "check")
+    has_luo = os.path.exists("/dev/liveupdate")
+    assert [line for line in r.stdout.splitlines() if line.startswith("ok    luo:")] == [
+        f"ok    luo: the running kernel has {'' if has_luo else 'no '}LUO (/dev/liveupdate"
+        + (")" if has_luo else " is missing): kexecfs hands files over through its image")], r.stdout
