@@ -65,7 +65,7 @@ install: .apt.stamp
 	ln -sf /opt/kexecfs/bin/kexecfs /usr/local/bin/kexecfs
 	sed '1s|.*|#!/opt/kexecfs/bin/python|' examples/keep_memfd.py > /usr/local/bin/kexecfs-keep-memfd
 	chmod 755 /usr/local/bin/kexecfs-keep-memfd
-	install -m 644 systemd/*.service /etc/systemd/system/
+	install -m 644 systemd/*.service systemd/*.timer /etc/systemd/system/
 	install -D -m 644 systemd/kexecfs-example.sysusers /etc/sysusers.d/kexecfs-example.conf
 	install -D -m 644 README.md /usr/local/share/doc/kexecfs/README.md
 	-systemctl daemon-reload

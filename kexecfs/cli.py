@@ -4,6 +4,7 @@
     kexecfs status [--json]              the status file as a table (or typed JSON)
     kexecfs instances [--json]           instances with their state, owner and preserved files
     kexecfs check [--json]               preflight: is the machine ready for a live update? (exit 0/1)
+    kexecfs metrics [--textfile PATH]    the Prometheus text format (node_exporter's textfile collector)
     kexecfs event EVENT                  prepare | freeze | cancel | kexec | finish
     kexecfs kexec                        a simulated kexec (same as "event kexec")
     kexecfs image show FILE | image verify FILE
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "(exit 0 ready, 1 not)")
     c.add_argument("--json", action="store_true", help="the findings as JSON")
     c.add_argument("--quiet", "-q", action="store_true", help="print only failures")
+    mt = sub.add_parser("metrics", help="print metrics in the Prometheus text format")
+    mt.add_argument("--textfile", type=Path, metavar="PATH",
+                    help="write them to PATH atomically (node_exporter's textfile collector) instead")
 
     e = sub.add_parser("event", help="send a global event to the state machine")
     e.add_argument("event", choices=abi.EVENTS, help="the event: " + ", ".join(abi.EVENTS))
@@ -193,6 +197,17 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ready else 1
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    from . import metrics
+
+    text = metrics.exposition(Path(args.mount))
+    if args.textfile:
+        metrics.write_textfile(args.textfile, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _preserve(args: argparse.Namespace) -> int:
     from .client import Kexecfs
 
@@ -286,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command in ("event", "kexec"):
         return _event(args.mount, getattr(args, "event", "kexec"))
-    handlers = {"instances": _instances, "check": _check, "preserve": _preserve,
+    handlers = {"instances": _instances, "check": _check, "metrics": _metrics, "preserve": _preserve,
                 "shutdown-hook": _shutdown_hook, "image": _image}
     return handlers[args.command](args)
 

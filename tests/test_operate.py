@@ -18,7 +18,7 @@ import pytest
 from conftest import FUSE_SKIP, NOBODY, ROOT, Daemon, sh
 
 VENV_BIN = Path(sys.executable).parent
-UNITS = sorted((ROOT / "systemd").glob("*.service"))
+UNITS = sorted([*(ROOT / "systemd").glob("*.service"), *(ROOT / "systemd").glob("*.timer")])
 
 
 def kexecfs(*args: str, mnt: Path | None = None, **kw) -> subprocess.CompletedProcess[str]:
@@ -188,7 +188,8 @@ def test_shutdown_hook_freezes_only_for_kexec(daemon: Daemon) -> None:
 def test_systemd_units_verify(tmp_path: Path) -> None:
     """systemd-analyze verify every unit; the installed paths are swapped for ones that
     exist here, as `make install` would create them."""
-    assert {u.name for u in UNITS} == {"kexecfs.service", "kexecfs-freeze.service", "kexecfs-example.service"}
+    assert {u.name for u in UNITS} == {"kexecfs.service", "kexecfs-freeze.service", "kexecfs-example.service",
+                                       "kexecfs-metrics.service", "kexecfs-metrics.timer"}
     for unit in UNITS:
         text = unit.read_text().replace("/usr/local/bin/kexecfs-keep-memfd", str(ROOT / "examples/keep_memfd.py"))
         (tmp_path / unit.name).write_text(text.replace("/usr/local/bin/kexecfs", str(VENV_BIN / "kexecfs")))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,82 @@ def test_check_reports_luo(tmp_path: Path) -> None:
     assert [line for line in r.stdout.splitlines() if line.startswith("ok    luo:")] == [
         f"ok    luo: the running kernel has {'' if has_luo else 'no '}LUO (/dev/liveupdate"
         + (")" if has_luo else " is missing): kexecfs hands files over through its image")], r.stdout
+
+
+# ---------------------------------------------------------------------------- kexecfs metrics
+
+SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*)\})? (\S+)')
+
+
+def parse_exposition(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The Prometheus text format (0.0.4), strictly: every sample's family has its HELP and
+    TYPE lines first, once; names, labels and values are well formed. {family: {labels: value}}."""
+    families: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    helped, typed = set(), {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert name not in helped, f"two HELP lines for {name}"
+            helped.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("gauge", "counter") and name not in typed, line
+            typed[name] = kind
+        else:
+            m = SAMPLE.fullmatch(line)
+            assert m, f"not a sample line: {line!r}"
+            name, labels, value = m.groups()
+            assert name in helped and name in typed, f"{name} has no HELP or TYPE before its samples"
+            assert typed[name] != "counter" or name.endswith("_total"), f"counter {name} without _total"
+            key = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or ""))
+            assert key not in families.setdefault(name, {}), f"{name}{key} twice"
+            families[name][key] = float(value)
+    return families
+
+
+def metrics(mnt: Path, *args: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    r = kexecfs(mnt, "metrics", *args)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    return parse_exposition(r.stdout)
+
+
+def test_metrics_in_the_prometheus_text_format(daemon: Daemon, tmp_path: Path) -> None:
+    mnt = daemon.mountpoint
+    sh(f"mkdir {mnt}/db", check=True)
+    preserve_memfd(mnt, "db", 1 << 20, 1)
+    victim = tmp_path / "journal"
+    victim.write_bytes(b"j" * 100)
+    sh(f"exec 5<>{victim}; echo '5 2' > {mnt}/db/fd_preserve; rm {victim}", check=True)
+    m = metrics(mnt)
+    db = (("instance", "db"),)
+    assert m["kexecfs_up"] == {(): 1}
+    assert m["kexecfs_state"] == {(("state", s),): float(s == "normal") for s in ("normal", "prepared", "frozen", "updated")}
+    assert m["kexecfs_instance_state"][(("instance", "db"), ("state", "normal"))] == 1
+    assert (m["kexecfs_preserved_files"][db], m["kexecfs_preserved_bytes"][db], m["kexecfs_image_bytes"][db]) == \
+        (2, (1 << 20) + 100, 1 << 20)
+    assert m["kexecfs_blocked_files"][db] == 1, "the deleted file blocks the next prepare"
+    assert "kexecfs_last_freeze_seconds" not in m, "never measured: absent, not 0"
+    sh(f"echo 2 > {mnt}/db/fd_unpreserve && echo prepare > {mnt}/state && echo kexec > {mnt}/state", check=True)
+    m = metrics(mnt)
+    assert m["kexecfs_state"][(("state", "updated"),)] == 1 and m["kexecfs_kexec_count"] == {(): 1}
+    assert m["kexecfs_blocked_files"][db] == 0 and m["kexecfs_recovery_failures_total"] == {(): 0}
+    for name in ("kexecfs_last_freeze_seconds", "kexecfs_last_recovery_seconds", "kexecfs_last_blackout_seconds"):
+        assert m[name][()] >= 0, name
+
+
+def test_metrics_textfile_for_node_exporter(daemon: Daemon, tmp_path: Path) -> None:
+    """--textfile replaces the file whole (a temporary file renamed over it): node_exporter's
+    textfile collector never reads half of one."""
+    collector = tmp_path / "textfile"
+    collector.mkdir()
+    target = collector / "kexecfs.prom"
+    target.write_text("stale\n")
+    r = kexecfs(daemon.mountpoint, "metrics", "--textfile", str(target))
+    assert r.returncode == 0 and r.stdout == "" and not r.stderr, r.stderr
+    assert parse_exposition(target.read_text())["kexecfs_up"] == {(): 1}
+    assert os.listdir(collector) == ["kexecfs.prom"] and target.stat().st_mode & 0o777 == 0o644
+
+
+def test_metrics_without_a_mount_say_down(tmp_path: Path) -> None:
+    assert metrics(tmp_path) == {"kexecfs_up": {(): 0}}
