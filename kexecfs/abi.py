@@ -84,3 +84,79 @@ COMMANDS: dict[int, Command] = {c.number: c for c in (
 )}
 
 assert (FD_PRESERVE, FD_UNPRESERVE, FD_RESTORE, GET_STATE) == (0x4010BA00, 0x4008BA01, 0xC010BA02, 0x8004BA03)
+
+
+# ---------------------------------------------------------------------------- the merged API
+#
+# Linux 6.19 merged a session-based LUO API (include/uapi/linux/liveupdate.h), beside which
+# kexecfs keeps v1 above. Every command is ``_IO(0xBA, nr)``: the number carries no size,
+# FUSE passes only the raw pointer, and the struct starts with its own ``__u32 size``
+# (extensible-struct rules, see :func:`kexecfs.fs.control` and SPEC 6b). A session is an
+# instance: the top-level ``control`` is ``/dev/liveupdate``; an instance's ``control``, or
+# the descriptor CREATE/RETRIEVE_SESSION return, is the session fd.
+
+SESSION_NAME_LENGTH = 64  # with the terminating NUL
+
+#: struct liveupdate_ioctl_create_session / _retrieve_session: {u32 size; s32 fd out; u8 name[64]}
+SESSION = struct.Struct("=Ii64s")
+#: struct liveupdate_session_preserve_fd / _retrieve_fd: {u32 size; s32 fd; aligned u64 token}
+SESSION_FD = struct.Struct("=IiQ")
+#: struct liveupdate_session_finish: {u32 size; u32 reserved}
+SESSION_FINISH_ARG = struct.Struct("=II")
+#: struct liveupdate_session_get_name: {u32 size; u32 reserved; u8 name[64] out}
+SESSION_NAME = struct.Struct("=II64s")
+
+CREATE_SESSION = _ioc(_IOC_NONE, 0x00, 0)
+RETRIEVE_SESSION = _ioc(_IOC_NONE, 0x01, 0)
+SESSION_PRESERVE_FD = _ioc(_IOC_NONE, 0x40, 0)
+SESSION_RETRIEVE_FD = _ioc(_IOC_NONE, 0x41, 0)
+SESSION_FINISH = _ioc(_IOC_NONE, 0x42, 0)
+SESSION_GET_NAME = _ioc(_IOC_NONE, 0x43, 0)
+
+# kexecfs run's own numbers: the launcher forwards a call it intercepted (one that must
+# return a descriptor, which a FUSE server cannot install) with the same struct, and the
+# daemon knows the launcher will open the file and install it. A call with LUO's own
+# number that reaches the daemon was not intercepted: EOPNOTSUPP, naming kexecfs run.
+RUN_CREATE_SESSION = _ioc(_IOC_NONE, 0x80, 0)
+RUN_RETRIEVE_SESSION = _ioc(_IOC_NONE, 0x81, 0)
+RUN_RETRIEVE_FD = _ioc(_IOC_NONE, 0x82, 0)
+
+
+@dataclass(frozen=True)
+class SessionCommand:
+    """A row of the merged API's table: where the number is answered and its struct."""
+
+    name: str
+    number: int
+    layout: struct.Struct
+    device: bool  # answered on the top-level control (/dev/liveupdate), else on a session fd
+    returns_fd: bool = False  # needs kexecfs run (seccomp) to hand its descriptor back
+
+
+SESSION_COMMANDS: dict[int, SessionCommand] = {c.number: c for c in (
+    SessionCommand("LIVEUPDATE_IOCTL_CREATE_SESSION", CREATE_SESSION, SESSION, True, True),
+    SessionCommand("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", RETRIEVE_SESSION, SESSION, True, True),
+    SessionCommand("LIVEUPDATE_SESSION_PRESERVE_FD", SESSION_PRESERVE_FD, SESSION_FD, False),
+    SessionCommand("LIVEUPDATE_SESSION_RETRIEVE_FD", SESSION_RETRIEVE_FD, SESSION_FD, False, True),
+    SessionCommand("LIVEUPDATE_SESSION_FINISH", SESSION_FINISH, SESSION_FINISH_ARG, False),
+    SessionCommand("LIVEUPDATE_SESSION_GET_NAME", SESSION_GET_NAME, SESSION_NAME, False),
+    SessionCommand("KEXECFS_RUN_CREATE_SESSION", RUN_CREATE_SESSION, SESSION, True),
+    SessionCommand("KEXECFS_RUN_RETRIEVE_SESSION", RUN_RETRIEVE_SESSION, SESSION, True),
+    SessionCommand("KEXECFS_RUN_RETRIEVE_FD", RUN_RETRIEVE_FD, SESSION_FD, False),
+)}
+
+#: What ``kexecfs run``'s seccomp filter sends to the launcher: the calls that return a
+#: descriptor (v1's FD_RESTORE included), and the launcher's own number for each.
+INTERCEPTED = {CREATE_SESSION: RUN_CREATE_SESSION, RETRIEVE_SESSION: RUN_RETRIEVE_SESSION,
+               SESSION_RETRIEVE_FD: RUN_RETRIEVE_FD, FD_RESTORE: RUN_RETRIEVE_FD}
+
+
+def ioc_nr(cmd: int) -> int:
+    return cmd & 0xFF
+
+
+def ioc_type(cmd: int) -> int:
+    return (cmd >> 8) & 0xFF
+
+
+assert (CREATE_SESSION, SESSION_GET_NAME, SESSION.size, SESSION_FD.size) == (0xBA00, 0xBA43, 72, 16)

@@ -11,6 +11,7 @@
     kexecfs preserve --instance NAME --fd N [--token T]   preserve this command's fd N (for scripts:
                                          "kexecfs preserve --instance db --fd 5 5<>/var/lib/db/journal")
     kexecfs shutdown-hook [--force]      freeze if a kexec is under way (systemd's kexecfs-freeze.service)
+    kexecfs [--mount M] run -- PROGRAM   an unmodified LUO program (Linux 6.19 sessions) on kexecfs
 
 ``mount -t fuse.kexecfs kexecfs /run/kexecfs -o image_dir=/var/lib/kexecfs`` works too:
 mount.fuse3 runs ``kexecfs kexecfs /run/kexecfs -o OPTS``, which this command accepts.
@@ -77,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--token", type=int, help="the token to preserve it under (default: the lowest free one)")
     sh = sub.add_parser("shutdown-hook", help="freeze the prepared image if the system is kexecing")
     sh.add_argument("--force", action="store_true", help="freeze even if no kexec job is queued")
+
+    r = sub.add_parser("run", help="run an unmodified LUO program (6.19 API) on kexecfs: kexecfs run -- PROGRAM")
+    r.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments (after --)")
 
     im = sub.add_parser("image", help="inspect a handover image")
     isub = im.add_subparsers(dest="image_command", required=True, metavar="SUBCOMMAND")
@@ -220,6 +224,16 @@ def _preserve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .launcher import Launcher
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        print("kexecfs run: no program given (kexecfs run -- PROGRAM [ARGS])", file=sys.stderr)
+        return 2
+    return Launcher(Path(args.mount)).run(program)
+
+
 def _kexec_queued() -> bool:
     """Is systemd carrying out "systemctl kexec"? (An ordinary reboot must not freeze.)"""
     import subprocess
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command in ("event", "kexec"):
         return _event(args.mount, getattr(args, "event", "kexec"))
-    handlers = {"instances": _instances, "check": _check, "metrics": _metrics, "preserve": _preserve,
+    handlers = {"run": _run, "instances": _instances, "check": _check, "metrics": _metrics, "preserve": _preserve,
                 "shutdown-hook": _shutdown_hook, "image": _image}
     return handlers[args.command](args)
 

@@ -24,6 +24,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 
+# Processes the tests start as other uids (setpriv, unshare) must need nothing inside
+# the checkout: a clone may sit where they cannot enter (root's home is 0700 on Debian).
+# They run the system python (the venv's may live in that home too) on a world-readable
+# copy of these, made once per run below the public base (see public_copy).
+OTHERS_PYTHON = "/usr/bin/python3"
+PUBLIC_FILES = ("kexecfs", "tests/service.py", "tests/hard/perm_agent.py", "tests/hard/load_worker.py",
+                "examples/keep_memfd.py")
+
 
 def _fuse_usable() -> str | None:
     if not os.path.exists("/dev/fuse"):
@@ -116,24 +124,64 @@ def _is_dead_mount(path: Path) -> bool:
         return True
 
 
-@pytest.fixture(scope="session")
-def _public_base() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="kexecfs-tests-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    yield base
-    if str(base) not in Path("/proc/mounts").read_text():  # never recurse into a leftover mount
+_public_base_path: Path | None = None
+_public_copy_path: Path | None = None
+
+
+def public_base() -> Path:
+    """This run's directory in /tmp, made on first use: other uids may traverse it
+    (0711) but not list it; removed when the run ends."""
+    global _public_base_path
+    if _public_base_path is None:
+        _public_base_path = Path(tempfile.mkdtemp(prefix="kexecfs-tests-", dir="/tmp"))
+        os.chmod(_public_base_path, 0o711)
+    return _public_base_path
+
+
+def public_copy(rel: str = "") -> Path:
+    """The copy of ``rel`` (one of PUBLIC_FILES, a path in the checkout) that every uid
+    can read; with no argument, the copy's top, to put on PYTHONPATH.
+
+    The modes are set, not copied: a checkout cloned under umask 077 has 0600 files."""
+    global _public_copy_path
+    if _public_copy_path is None:
+        top = public_base() / "checkout"
+        for name in PUBLIC_FILES:
+            src, dst = ROOT / name, top / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+            else:
+                shutil.copyfile(src, dst)
+        for path in (top, *top.rglob("*")):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        _public_copy_path = top
+    if rel and rel not in PUBLIC_FILES:
+        raise ValueError(f"{rel} is not copied for other uids: add it to PUBLIC_FILES")
+    return _public_copy_path / rel
+
+
+def others_env() -> dict[str, str]:
+    """The environment of a process run as another uid: the public copy of kexecfs on
+    its path, nothing of the checkout or the venv."""
+    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PYTHONPATH": str(public_copy())}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    base = _public_base_path
+    if base is not None and str(base) not in Path("/proc/mounts").read_text():  # never recurse into a mount
         shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
-def tmp_path(request: pytest.FixtureRequest, _public_base: Path) -> Path:
+def tmp_path(request: pytest.FixtureRequest) -> Path:
     """A per-test directory the unprivileged test uids can traverse.
 
     Replaces pytest's own: pytest keeps its temporary directories below a 0700
     directory, which it resets to 0700 whenever a pytest session starts, so a test's
     mount could become unreachable for other uids in the middle of the test.
     """
-    path = Path(tempfile.mkdtemp(prefix=re.sub(r"\W", "_", request.node.name)[:40] + "-", dir=_public_base))
+    path = Path(tempfile.mkdtemp(prefix=re.sub(r"\W", "_", request.node.name)[:40] + "-", dir=public_base()))
     os.chmod(path, 0o711)
     return path
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, ROOT, sh
+from conftest import NOBODY, OTHERS_PYTHON, ROOT, sh
 from kexecfs import abi
 from kexecfs.client import Kexecfs
 
@@ -125,7 +125,7 @@ except OSError as e:  # an owner may only finish through its instance (SPEC 3), 
     print("prepare refused" if e.errno == errno.EINVAL else e)
 """
     r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                        "/usr/bin/python3", "-c", code], capture_output=True, text=True)
+                        OTHERS_PYTHON, "-c", code], capture_output=True, text=True)
     assert r.stdout.split("\n")[:2] == ["theirs refused", "prepare refused"], r.stdout + r.stderr
     assert (mnt / "mine/fd_preserve").read_text() == "3 memfd 0 rw\n"
     assert (mnt / "state").read_text() == "normal\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import select
-import stat
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, Daemon, sh
+from conftest import NOBODY, OTHERS_PYTHON, Daemon, sh
 
 
 
@@ -22,10 +21,9 @@ from conftest import NOBODY, Daemon, sh
 
 def with_memfd(script: str, data: bytes = b"guest memory\n", fd: int = 5, **kw) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in bash with a memfd holding ``data`` open as descriptor ``fd``."""
-    # The system python: the venv's interpreter may live where other uids cannot reach.
     launcher = (f"import os,sys; m=os.memfd_create('guest-ram', os.MFD_ALLOW_SEALING); os.write(m,{data!r}); "
                 f"os.dup2(m,{fd}); os.execvp('bash',['bash','-c',sys.argv[1]])")
-    return sh(f"exec /usr/bin/python3 -c {_q(launcher)} {_q(script)}", **kw)
+    return sh(f"exec {OTHERS_PYTHON} -c {_q(launcher)} {_q(script)}", **kw)
 
 
 def _q(text: str) -> str:
@@ -231,10 +229,48 @@ def test_removed_instance_files_answer_enodev(mnt: Path) -> None:
         assert info.value.errno == errno.ENODEV
 
 
+def inode_numbers(mnt: Path, inst: str) -> dict[str, int]:
+    """The inode numbers of instance ``inst`` and of every file in it (fds/<token> too).
+
+    From readdir as well as stat: the kernel may answer stat from its cache for a
+    while, readdir always asks the daemon; both must agree."""
+    listed = {e.name: e.inode() for e in os.scandir(mnt)}
+    numbers = {".": listed[inst]}
+    for sub, prefix in ((mnt / inst, ""), (mnt / inst / "fds", "fds/")):
+        numbers.update({prefix + e.name: e.inode() for e in os.scandir(sub)})
+    for name, ino in numbers.items():
+        assert os.stat(mnt / inst / name).st_ino == ino, f"{inst}/{name}: stat and readdir differ"
+    return numbers
+
+
 def test_instance_inode_numbers_are_stable(mnt: Path) -> None:
-    sh(f"mkdir {mnt}/a {mnt}/b", check=True)
-    before = {n: os.stat(mnt / n).st_ino for n in ("a", "b")}
-    sh(f"echo kexec > {mnt}/state", check=True)  # a plain kexec: instances are gone
-    assert not (mnt / "a").exists()
-    assert stat.S_ISDIR(os.stat(mnt).st_mode)
-    assert before["a"] != before["b"]
+    """An instance's inode number and its files' stay the same for the life of the mount:
+    while other instances come and go, and across a simulated kexec that keeps it (a
+    container's bind mount of an instance must go on naming it). A removed instance's
+    number is not given to another: the kernel may still hold its inode (an open file
+    answering ENODEV)."""
+    sh(f"mkdir {mnt}/gone {mnt}/a", check=True)
+    removed = {os.stat(mnt / "gone").st_ino}
+    sh(f"rmdir {mnt}/gone", check=True)  # so "a" is not the number a fresh count starts from
+    memfd = os.memfd_create("kept")
+    try:
+        os.write(memfd, b"kept across the kexec")
+        (mnt / "a/fd_preserve").write_text(f"{memfd} 3\n")
+    finally:
+        os.close(memfd)
+    before = inode_numbers(mnt, "a")
+    assert sorted(before) == [".", "bytes.max", "control", "fd_preserve", "fd_unpreserve", "fds", "fds/3", "files.max",
+                              "state"]
+    assert len(set(before.values())) == len(before)
+
+    sh(f"mkdir {mnt}/b {mnt}/c", check=True)
+    removed.add(os.stat(mnt / "c").st_ino)
+    sh(f"rmdir {mnt}/c && mkdir {mnt}/d", check=True)
+    assert inode_numbers(mnt, "a") == before, "other instances' mkdir and rmdir renumbered 'a'"
+    taken = {os.stat(mnt / n).st_ino for n in ("b", "d")} & (removed | set(before.values()))
+    assert not taken, f"new instances took numbers already given: {taken}"
+
+    sh(f"echo prepare > {mnt}/state && echo kexec > {mnt}/state", check=True)
+    assert (mnt / "state").read_text() == "updated\n"
+    assert inode_numbers(mnt, "a") == before, "the simulated kexec renumbered 'a'"
+    assert (mnt / "a/fds/3").read_bytes() == b"kept across the kexec"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kexecfs.core import syscalls
 from kexecfs.core.errors import KexecfsError
 from kexecfs.core.image import IMAGE_NAME
 from kexecfs.core.instance import Caller, Instance
@@ -24,10 +25,15 @@ def run(machine: LiveUpdate, event: str, caller: Caller = ROOT) -> None:
     machine.begin(event, caller)()
 
 
-def errno_of(fn, *args) -> int:
+def refusal(fn, *args) -> KexecfsError:
+    """The KexecfsError ``fn(*args)`` must raise: its errno for the caller, its message for the log."""
     with pytest.raises(KexecfsError) as info:
         fn(*args)
-    return info.value.errno
+    return info.value
+
+
+def errno_of(fn, *args) -> int:
+    return refusal(fn, *args).errno
 
 
 def memfd(data: bytes, name: str = "t") -> int:
@@ -93,14 +99,44 @@ def test_preserve_tokens_and_listing(machine: LiveUpdate) -> None:
     assert errno_of(machine.remove_instance, "svc", ALICE) == errno.EBUSY
 
 
-def test_unsupported_kinds_are_enoent(machine: LiveUpdate, tmp_path: Path) -> None:
+def test_unsupported_kinds_are_enoent(machine: LiveUpdate) -> None:
+    """Refused with ENOENT (as LUO), the log message naming what the file is."""
     inst = machine.create_instance("svc", ROOT)
     r, w = os.pipe()
     os.close(w)
-    assert errno_of(machine.preserve, inst, ROOT, r, None) == errno.ENOENT
-    # A file with a name on tmpfs does not outlive a kexec the way a memfd's contents do.
-    linked = os.open("/dev/shm", os.O_RDWR | os.O_TMPFILE)
-    os.close(linked)
+    exc = refusal(machine.preserve, inst, ROOT, r, None)
+    assert exc.errno == errno.ENOENT and "is a pipe;" in exc.message, exc
+
+
+def test_linked_tmpfs_files_are_refused(machine: LiveUpdate) -> None:
+    """A file with a name on tmpfs does not outlive a kexec the way a memfd's contents
+    do: one created by name, or an O_TMPFILE given a name later, is refused; the same
+    O_TMPFILE while it has no name is an unlinked shmem file, preserved as a memfd."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or syscalls.statfs_type(str(shm)) != syscalls.TMPFS_MAGIC:
+        pytest.skip("/dev/shm is not a tmpfs here: no tmpfs to make files on without mounting one")
+    inst = machine.create_instance("svc", ROOT)
+    named = shm / f"kexecfs-test-{os.getpid()}"
+    try:
+        fd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        exc = refusal(machine.preserve, inst, ROOT, fd, 1)
+        assert exc.errno == errno.ENOENT and "is a linked tmpfs file;" in exc.message, exc
+        named.unlink()
+
+        anonymous = os.open(shm, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        assert machine.preserve(inst, ROOT, os.dup(anonymous), 2).kind.name == "memfd"
+        # linkat(AT_SYMLINK_FOLLOW) through /proc/self/fd gives it a name (os.link's plain
+        # link(2) would link the /proc symlink itself; a src_dir_fd makes it use linkat).
+        proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(str(anonymous), named, src_dir_fd=proc_fds, follow_symlinks=True)
+        finally:
+            os.close(proc_fds)
+        exc = refusal(machine.preserve, inst, ROOT, anonymous, 3)
+        assert exc.errno == errno.ENOENT and "is a linked tmpfs file;" in exc.message, exc
+    finally:
+        named.unlink(missing_ok=True)
+    assert sorted(inst.files) == [2]
 
 
 def test_preserve_refused_outside_normal_and_updated(machine: LiveUpdate) -> None:

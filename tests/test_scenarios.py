@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, ROOT, Daemon, sh
-
-SERVICE = ROOT / "tests" / "service.py"
+from conftest import NOBODY, OTHERS_PYTHON, Daemon, others_env, public_copy, sh
 
 
 def service(*args: str, uid: int | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = ["/usr/bin/python3", str(SERVICE), *args]
+    cmd = [OTHERS_PYTHON, str(public_copy("tests/service.py")), *args]
     if uid is not None:
         cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=others_env())
 
 
 def vm_hwm_kib(pid: int) -> int:

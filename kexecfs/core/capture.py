@@ -23,7 +23,8 @@ def _thread_group_leader(tid: int) -> int:
     raise OSError(errno.ESRCH, "no Tgid line")
 
 
-def _open_pidfd(tid: int) -> int:
+def open_pidfd(tid: int) -> int:
+    """A pidfd of thread ``tid`` (of its thread group leader on kernels before 6.9)."""
     try:
         return os.pidfd_open(tid, PIDFD_THREAD)
     except OSError as exc:
@@ -42,7 +43,7 @@ def take_descriptor(pid: int, fd: int) -> int:
         # Descriptors are C ints: a larger number would be cut to one that may be open.
         raise fail(errno.EBADF, f"fd {fd} is not a descriptor number")
     try:
-        pidfd = _open_pidfd(pid)
+        pidfd = open_pidfd(pid)
     except OSError as exc:
         raise fail(errno.ESRCH, f"cannot open a pidfd for pid {pid}: {exc.strerror}") from None
     try:

@@ -67,7 +67,7 @@ except ImportError:  # no wheel for this platform: the same values, slower
     from zlib import crc32
 
 from .faults import inject
-from .instance import check_name
+from .names import check_name
 from .kinds import KINDS
 
 log = logging.getLogger("kexecfs.image")

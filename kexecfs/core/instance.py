@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import KexecfsError, fail
 from .kinds import Kind, access_flags
+from .names import session_name
 
-TOP_LEVEL_NAMES = frozenset({"state", "control", "status"})
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 TOKEN_MAX = (1 << 64) - 1
-
-
-def check_name(name: str) -> None:
-    """EINVAL unless ``name`` may name an instance (SPEC section 1)."""
-    if not _NAME.fullmatch(name) or name.startswith(".") or name in TOP_LEVEL_NAMES:
-        raise fail(errno.EINVAL, f"{name!r} is not a valid instance name: 1-63 characters of "
-                                 f"[A-Za-z0-9._-], not starting with '.', not state/control/status")
 
 
 @dataclass(frozen=True)
@@ -133,6 +124,8 @@ class Instance:
     removed: bool = False
     max_files: int | None = None  # root's limits (files.max, bytes.max); None: no limit
     max_bytes: int | None = None
+    incoming: bool = False  # came from the image of the last kexec (a session RETRIEVE_SESSION finds)
+    session: str | None = None  # the LUO session fd bound to it: "created", "retrieved" or none
 
     def check_owner(self, caller: Caller, action: str) -> None:
         """EACCES unless the caller owns this instance (or is root)."""
@@ -179,6 +172,13 @@ class Instance:
             raise fail(errno.EEXIST, f"token {token} is already used in instance {self.name!r}")
         pf = self.files[token] = PreservedFile(token, kind, fd, record)
         return pf
+
+    @property
+    def session_name(self) -> bytes:
+        """The LUO session name this instance is (its directory name, unescaped)."""
+        name = session_name(self.name)
+        assert name is not None  # every instance name passed check_name
+        return name
 
     def get(self, token: int) -> PreservedFile:
         try:

@@ -33,9 +33,11 @@ from typing import Any
 from .. import abi
 from .errors import KexecfsError, fail, refusal
 from .capture import take_descriptor
+from .syscalls import same_open_file
 from .faults import inject
 from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
-from .instance import Caller, Instance, PreservedFile, check_name
+from .instance import Caller, Instance, PreservedFile
+from .names import check_name, directory_name
 from .kinds import KINDS, detect
 
 log = logging.getLogger("kexecfs.machine")
@@ -204,6 +206,77 @@ class LiveUpdate:
         setattr(inst, f"max_{which}", value)
         log.info("instance %r: %s.max set to %s by %s", inst.name, which, "max" if value is None else value, caller)
 
+    # ------------------------------------------------------------------ LUO sessions (6.19)
+
+    def create_session(self, name: bytes, caller: Caller) -> Instance:
+        """CREATE_SESSION: a new (outgoing) session, an instance whose lifetime is its fd's.
+
+        An empty instance that root made and delegated, and that no session fd holds, is
+        adopted by its owner's session of the same name: that is how an unprivileged
+        service gets a session (only root creates instances, as mkdir at the top).
+        """
+        directory = directory_name(name)
+        self._check_registrations_open(f"CREATE_SESSION {directory}")
+        inst = self.instances.get(directory)
+        if inst is None:
+            if caller.uid != 0:
+                raise fail(errno.EPERM, f"CREATE_SESSION {directory} by {caller}: only root creates sessions; "
+                                        f"root can make and delegate the instance first (mkdir, chown -R)")
+            inst = self.create_instance(directory, caller, 0o755)
+        elif inst.session or inst.files or inst.incoming or caller.uid not in (0, inst.uid):
+            raise fail(errno.EEXIST, f"CREATE_SESSION by {caller}: session {directory} already exists")
+        inst.session = "created"
+        log.info("session %r created by %s", directory, caller)
+        return inst
+
+    def check_retrievable(self, name: bytes, caller: Caller) -> Instance:
+        """The incoming session RETRIEVE_SESSION would return: ENOENT if there is none of that
+        name (before a kexec, or once finished), EINVAL if it was retrieved already."""
+        directory = directory_name(name)
+        inst = self.instances.get(directory)
+        if inst is None or not inst.incoming or self.instance_state(inst) is not State.UPDATED:
+            raise fail(errno.ENOENT, f"RETRIEVE_SESSION by {caller}: no incoming session {directory}")
+        inst.check_owner(caller, "RETRIEVE_SESSION")
+        if inst.session == "retrieved":
+            raise fail(errno.EINVAL, f"RETRIEVE_SESSION by {caller}: session {directory} was retrieved already")
+        return inst
+
+    def retrieve_session(self, name: bytes, caller: Caller) -> Instance:
+        """RETRIEVE_SESSION: the incoming session of that name, once (then EINVAL)."""
+        inst = self.check_retrievable(name, caller)
+        inst.session = "retrieved"
+        log.info("session %r retrieved by %s", inst.name, caller)
+        return inst
+
+    def close_session(self, inst: Instance, caller: Caller) -> None:
+        """The last descriptor of a session was closed, and the session ends, as the kernel's:
+        a retrieved one is finished first; then its files are unpreserved (a process that
+        retrieved them keeps its own descriptors) and the instance is gone."""
+        how, inst.session = inst.session, None
+        if inst.removed or self.instances.get(inst.name) is not inst:
+            return
+        if how == "retrieved" and self.instance_state(inst) is State.UPDATED:
+            self.finish_instance(inst, caller)
+        if self.busy or self.state not in (State.NORMAL, State.UPDATED) or \
+                (inst.incoming and self.instance_state(inst) is State.UPDATED):
+            log.info("session %r closed while %s: it is carried as it is", inst.name, self.busy or self.state.word)
+            return
+        for pf in inst.files.values():
+            pf.close()
+        inst.files.clear()
+        inst.removed = True
+        del self.instances[inst.name], self.by_ino[inst.ino]
+        log.info("session %r closed by %s: its files are unpreserved and the session is gone", inst.name, caller)
+
+    def already_preserved(self, fd: int) -> tuple[Instance, int] | None:
+        """The instance and token under which the open file of ``fd`` is preserved, if any
+        (LUO refuses to preserve one open file twice: EBUSY)."""
+        for inst in self.instances.values():
+            for pf in inst.files.values():
+                if pf.fd >= 0 and not pf.recovered and same_open_file(pf.fd, fd):
+                    return inst, pf.token
+        return None
+
     def default_instance(self, caller: Caller) -> Instance:
         """The instance the top-level control file's FD ioctls act on (created on demand)."""
         if "default" not in self.instances:
@@ -220,12 +293,14 @@ class LiveUpdate:
         if self.state not in (State.NORMAL, State.UPDATED):
             raise fail(errno.EBUSY, f"{action}: not allowed while {self.state.word}")
 
-    def preserve(self, inst: Instance, caller: Caller, fd_number: int, token: int | None) -> PreservedFile:
+    def preserve(self, inst: Instance, caller: Caller, fd_number: int, token: int | None,
+                 once: bool = False) -> PreservedFile:
         """Preserve the caller's descriptor ``fd_number`` under ``token`` (None: the lowest free).
 
         Synchronous: the caller must still be blocked in its write(2) or ioctl(2) when its
         descriptor is taken (see :mod:`.capture`). Every check that needs no descriptor
-        comes first, so a refused preserve never touches the caller's process.
+        comes first, so a refused preserve never touches the caller's process. ``once``
+        (the session door, as LUO): EBUSY if the same open file is preserved already.
         """
         if inst.removed:
             raise fail(errno.ENODEV, f"instance {inst.name!r} was removed")
@@ -235,6 +310,9 @@ class LiveUpdate:
             raise fail(errno.EEXIST, f"fd_preserve: token {token} is already used in instance {inst.name!r}")
         fd = take_descriptor(caller.pid, fd_number)
         try:
+            if once and (where := self.already_preserved(fd)):
+                raise fail(errno.EBUSY, f"fd_preserve by {caller}: that open file is preserved already, in "
+                                        f"instance {where[0].name!r} token {where[1]}")
             try:
                 kind = detect(fd)
             except KexecfsError as exc:
@@ -510,7 +588,8 @@ class LiveUpdate:
                     raise ImageError(f"{path}: instance {rec['name']!r} has inode number {rec['ino']}, not one "
                                      f"kexecfs gives instances")
                 inst = Instance(rec["name"], rec["ino"], rec["uid"], rec["gid"], rec["mode"],
-                                max_files=rec.get("max_files"), max_bytes=rec.get("max_bytes"))
+                                max_files=rec.get("max_files"), max_bytes=rec.get("max_bytes"),
+                                incoming=True)
                 self.instances[inst.name] = self.by_ino[inst.ino] = inst
                 self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
             total = sum(e[1] for f in image.files for e in f.get("extents", []))

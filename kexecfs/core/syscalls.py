@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import select
 import struct
@@ -152,3 +153,51 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -
     if fd < 0:
         _raise_errno("open_by_handle_at")
     return fd
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                                   ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.argtypes = _libc.process_vm_readv.argtypes
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+
+
+def read_memory(pid: int, address: int, size: int) -> bytes:
+    """``size`` bytes at ``address`` in process ``pid`` (a thread id names its process);
+    EFAULT if any of them is not mapped readable."""
+    buf = ctypes.create_string_buffer(size)
+    local, remote = _IoVec(ctypes.addressof(buf), size), _IoVec(address, size)
+    done = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if done < 0:
+        _raise_errno("process_vm_readv")
+    if done != size:
+        raise OSError(errno.EFAULT, "process_vm_readv: short read")
+    return buf.raw
+
+
+def write_memory(pid: int, address: int, data: bytes) -> None:
+    """Write ``data`` at ``address`` in process ``pid``; EFAULT if it is not all writable."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    local, remote = _IoVec(ctypes.addressof(buf), len(data)), _IoVec(address, len(data))
+    done = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if done < 0:
+        _raise_errno("process_vm_writev")
+    if done != len(data):
+        raise OSError(errno.EFAULT, "process_vm_writev: short write")
+
+
+_SYS_KCMP = 312
+_KCMP_FILE = 0
+
+
+def same_open_file(fd1: int, fd2: int) -> bool:
+    """Whether two of this process's descriptors refer to one open file description."""
+    pid = os.getpid()
+    res = _libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, fd1, fd2)
+    if res < 0:
+        _raise_errno("kcmp")
+    return res == 0

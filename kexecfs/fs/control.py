@@ -18,6 +18,7 @@ from .. import abi
 from ..core.errors import KexecfsError, fail, refusal
 from ..core.instance import Caller, Instance
 from . import fusehook
+from . import sessions
 from .nodes import Scope
 
 if TYPE_CHECKING:
@@ -79,11 +80,16 @@ def dispatch(fs: KexecfsOperations, req: int, ino: int, cmd: int, fh: int, flags
     try:
         command = abi.COMMANDS.get(cmd)
         h = fs.handles.get(fh) if not flags & fusehook.FUSE_IOCTL_DIR else None
-        if command is None or h is None or h.node is None or not h.node.control:
+        if h is None or h.node is None or not h.node.control or abi.ioc_type(cmd) != abi.LIVEUPDATE_IOCTL_TYPE:
             raise _NOT_OURS
         inst = fs.live_instance(h) if h.node.scope is Scope.INSTANCE else None
-        caller = Caller(pid, uid, gid, f"{inst.name + '/' if inst else ''}control {command.name}")
+        name = command.name if command else abi.SESSION_COMMANDS[cmd].name if cmd in abi.SESSION_COMMANDS \
+            else f"{cmd:#x}"
+        caller = Caller(pid, uid, gid, f"{inst.name + '/' if inst else ''}control {name}")
         h.check_opener(caller)
+        if command is None:
+            _merged_api(fs, req, cmd, inst, caller, arg)
+            return
         if command.event:
             assert fs.nursery is not None
             fs.nursery.start_soon(_event, fs, req, inst, caller, command)
@@ -93,6 +99,15 @@ def dispatch(fs: KexecfsOperations, req: int, ino: int, cmd: int, fh: int, flags
         _failed(req, cmd, exc)
     else:
         fusehook.reply_ioctl(req, out)
+
+
+def _merged_api(fs: KexecfsOperations, req: int, cmd: int, inst: Instance | None, caller: Caller,
+                arg: int) -> None:
+    """A 0xBA command that is not v1's: the session table, or the kernel's errno for a stray one."""
+    if cmd not in abi.SESSION_COMMANDS:
+        raise fail(sessions.unknown(cmd, inst), f"{caller}: no such LUO command on this file")
+    sessions.handle(fs, cmd, inst, caller, caller.pid, arg)
+    fusehook.reply_ioctl(req, b"")
 
 
 async def _event(fs: KexecfsOperations, req: int, inst: Instance | None, caller: Caller,

@@ -22,7 +22,7 @@ from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
-from . import control  # noqa: E402
+from . import control, sessions  # noqa: E402
 from .operations import KexecfsOperations  # noqa: E402
 from ..core.machine import LiveUpdate, Policy  # noqa: E402
 from ..defaults import DEFAULT_IMAGE_DIR  # noqa: E402
@@ -133,6 +133,7 @@ def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None,
         fuse_options.add("debug")
     pyfuse3.init(fs, str(opts.mountpoint), fuse_options)
     fusehook.ensure_live()
+    fs.device_lock.device = sessions.mount_device(str(opts.mountpoint))
     fusehook.set_ioctl_handler(functools.partial(control.dispatch, fs))
     log.info("kexecfs mounted on %s (image dir %s, state %s, boot id %s)", opts.mountpoint, opts.image_dir,
              machine.state.word, machine.boot_id)

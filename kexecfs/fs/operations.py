@@ -29,7 +29,7 @@ import trio  # noqa: E402
 from ..core.errors import fail, refusal  # noqa: E402
 from ..core.instance import Caller, Instance, PreservedFile  # noqa: E402
 from ..core.machine import INO_STRIDE, SLOW_EVENTS, LiveUpdate, State  # noqa: E402
-from . import restored  # noqa: E402
+from . import restored, sessions  # noqa: E402
 from .nodes import (FDS_OFFSET, GLOBAL_BY_INO, GLOBAL_BY_NAME, INSTANCE_BY_NAME, INSTANCE_BY_OFFSET,  # noqa: E402
                     NODES, ROOT_INO, Node, Scope)
 
@@ -72,6 +72,8 @@ class Handle:
     seen: int = -1  # the state version at open or last read, for poll()
     restored_fd: int = -1  # fds/<token>: the daemon's own descriptor of the restored file, as granted
     opener_uid: int = 0  # who opened it: a command written through it must come from that uid (or root's open)
+    session: Instance | None = None  # a LUO session fd (kexecfs run opened it): its close ends the session
+    machine: LiveUpdate | None = None  # the machine the session belongs to (a kexec replaces it)
 
     def check_opener(self, caller: Caller) -> None:
         """A command must come from whoever opened the file, unless root opened it and handed it on.
@@ -102,6 +104,9 @@ class KexecfsOperations(pyfuse3.Operations):
         self.mounted_ns = time.time_ns()
         self._pollers: list[pyfuse3.PollHandle] = []
         self.handles: dict[int, Handle] = {}  # by fh; the ioctl dispatch finds its file here
+        self.device_lock = sessions.DeviceLock(GLOBAL_BY_NAME["control"].offset)
+        # (launcher's thread id, instance inode) -> the session its next open of control binds
+        self.pending_sessions: dict[tuple[int, int], Instance] = {}
         self._next_fh = itertools.count(1)
         self._token_inos: dict[tuple[int, int], int] = {}
         self._token_keys: dict[int, tuple[int, int]] = {}
@@ -163,7 +168,12 @@ class KexecfsOperations(pyfuse3.Operations):
         return self._token_inos[key]
 
     def _resolve(self, ino: int) -> tuple[Node | None, Instance | None, PreservedFile | None]:
-        """(node, instance, preserved file) of an inode; ENOENT if it no longer exists."""
+        """(node, instance, preserved file) of an inode; ESTALE if it no longer exists.
+
+        ESTALE, not ENOENT: the kernel may hold a dentry of a removed instance (for
+        DIR_TIMEOUT, or forever for one the daemon removed itself, as a closed session),
+        and on ESTALE the VFS looks the path up again instead of failing it, so the new
+        instance of the same name is found, or the path fails with ENOENT after all."""
         if ino == ROOT_INO:
             return None, None, None
         if ino in GLOBAL_BY_INO:
@@ -178,7 +188,7 @@ class KexecfsOperations(pyfuse3.Operations):
             inst = self.machine.by_ino.get(ino - offset)
             if inst is not None and (offset == 0 or offset in INSTANCE_BY_OFFSET):
                 return INSTANCE_BY_OFFSET.get(offset), inst, None
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ESTALE)
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         node, inst, pf = self._resolve(ino)
@@ -334,11 +344,13 @@ class KexecfsOperations(pyfuse3.Operations):
         if node is not None and node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         h = Handle(node, inst.ino if inst else 0, seen=self.state_version, opener_uid=ctx.uid)
+        fh = next(self._next_fh)
         if pf is not None:
             assert inst is not None
             caller = Caller(ctx.pid, ctx.uid, ctx.gid, f"open {inst.name}/fds/{pf.token}")
             h.restored_fd = restored.open_restored(self.machine, inst, pf, caller, flags)
-        fh = next(self._next_fh)
+        elif node is not None and node.control:
+            self._open_control(h, fh, inst, Caller(ctx.pid, ctx.uid, ctx.gid, "open control"))
         self.handles[fh] = h
         if pf is not None:
             restored.serve(fh, h.restored_fd, pf, self.passthrough)
@@ -389,11 +401,23 @@ class KexecfsOperations(pyfuse3.Operations):
         await h.node.store(self, inst, caller, command)
         return len(buf)
 
+    def _open_control(self, h: Handle, fh: int, inst: Instance | None, caller: Caller) -> None:
+        """The top-level control is /dev/liveupdate (exclusive); an instance's control that
+        kexecfs run opens for a CREATE/RETRIEVE_SESSION it forwarded becomes a session fd."""
+        if inst is None:
+            self.device_lock.take(fh, caller, self.handles)
+        elif (session := self.pending_sessions.pop((caller.pid, inst.ino), None)) is not None:
+            h.session, h.machine = session, self.machine
+
     @handler
     async def release(self, fh: int) -> None:
+        pid, uid, gid = fusehook.last_request_ctx()
         h = self.handles.pop(fh, None)
+        self.device_lock.release(fh)
         if h is not None and h.restored_fd >= 0:
             os.close(h.restored_fd)
+        if h is not None and h.session is not None and h.machine is self.machine:
+            self.machine.close_session(h.session, Caller(pid, uid, gid, "close of a session fd"))
 
     @handler
     async def poll(self, inode: int, fh: int, ph: pyfuse3.PollHandle | None,

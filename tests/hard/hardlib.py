@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSE_SKIP, NOBODY, Daemon, sh
+from conftest import FUSE_SKIP, NOBODY, OTHERS_PYTHON, Daemon, others_env, public_copy, sh
 
 MiB = 1 << 20
 IMAGE = "handover.kximg"
@@ -336,10 +336,10 @@ def watchdog(mnt: Path, seconds: float, what: str = "") -> Iterator[None]:
     assert not fired.is_set(), f"hang: {what or 'the block'} took more than {seconds} s; connection aborted"
 
 
-__all__ = ["FUSE_SKIP", "IMAGE", "MiB", "NOBODY", "Daemon", "FaultyDaemon", "File", "Payload", "Racer",
-           "assert_no_temp", "assert_old_state", "daemon_at", "errno_of", "fill", "instances", "listing", "needs_fuse",
-           "reachable", "sh", "sh_state_event", "sha256_fd", "state", "status", "verify_restored", "watchdog",
-           "write_errno"]
+__all__ = ["FUSE_SKIP", "IMAGE", "MiB", "NOBODY", "OTHERS_PYTHON", "Daemon", "FaultyDaemon", "File", "Payload",
+           "Racer", "assert_no_temp", "assert_old_state", "daemon_at", "errno_of", "fill", "instances", "listing",
+           "needs_fuse", "others_env", "public_copy", "reachable", "sh", "sh_state_event", "sha256_fd", "state",
+           "status", "verify_restored", "watchdog", "write_errno"]
 
 
 def sh_state_event(mnt: Path, event: str, target: str = "state", uid: int | None = None) -> None:

@@ -76,14 +76,6 @@ FREEZE_POINTS = (
     + [(f"commit.{step}", "old") for step in ("before_index", "after_index", "before_fsync", "before_rename")]
     + [("commit.after_rename", "new")]
 )
-FAST = {"prepare.file@2", "image.copy_window@2", "commit.before_rename", "commit.after_rename"}
-
-
-def _param(point: str, outcome: str) -> object:
-    marks = () if point in FAST else (pytest.mark.hard,)
-    return pytest.param(point, outcome, marks=marks, id=point)
-
-
 def crash_run(tmp_path: Path, point: str, outcome: str, last_event: str) -> None:
     """Preserve, prepare, change, then ``last_event`` (freeze or kexec) with ``point`` armed."""
     name, _, nth = point.partition("@")
@@ -124,7 +116,7 @@ def crash_run(tmp_path: Path, point: str, outcome: str, last_event: str) -> None
     d.check_log()
 
 
-@pytest.mark.parametrize("point,outcome", [_param(*row) for row in FREEZE_POINTS])
+@pytest.mark.parametrize("point,outcome", FREEZE_POINTS, ids=[p for p, _ in FREEZE_POINTS])
 def test_kill_during_prepare_and_freeze(tmp_path: Path, point: str, outcome: str) -> None:
     crash_run(tmp_path, point, outcome, "freeze")
 
@@ -133,7 +125,6 @@ KEXEC_POINTS = [("freeze.file@3", "old"), ("image.refresh_window@4", "old"), ("c
                 ("commit.after_rename", "new")] + [(f"recover.file@{n}", "new") for n in range(1, FILES + 1)]
 
 
-@pytest.mark.hard
 @pytest.mark.parametrize("point,outcome", KEXEC_POINTS, ids=[p for p, _ in KEXEC_POINTS])
 def test_kill_during_simulated_kexec(tmp_path: Path, point: str, outcome: str) -> None:
     """``kexec`` from prepared: the freeze inside it, then the recovery of the next boot."""
@@ -169,7 +160,6 @@ def test_kill_at_every_file_of_a_recovery(tmp_path: Path) -> None:
     d.check_log()
 
 
-@pytest.mark.hard
 @pytest.mark.parametrize("event", ["finish", "cancel"])
 def test_kill_while_retiring_the_image(tmp_path: Path, event: str) -> None:
     """finish (after a kexec) and cancel (when frozen) retire the image with a rename:
@@ -195,9 +185,9 @@ def test_kill_while_retiring_the_image(tmp_path: Path, event: str) -> None:
 
 # ---------------------------------------------------------------------------- raised faults
 
-@pytest.mark.parametrize("point", ["prepare.file@3", "commit.after_index", "commit.after_rename"] + [
-    pytest.param(p, marks=pytest.mark.hard) for p in ("image.copy_window@2", "freeze.file@2", "image.refresh_window@2",
-                                                      "commit.before_rename", "commit.before_fsync")])
+@pytest.mark.parametrize("point", ["prepare.file@3", "commit.after_index", "commit.after_rename", "image.copy_window@2",
+                                   "freeze.file@2", "image.refresh_window@2", "commit.before_rename",
+                                   "commit.before_fsync"])
 def test_unexpected_error_in_prepare_or_freeze(tmp_path: Path, point: str) -> None:
     """An unexpected exception (a bug) in prepare or freeze: EIO to the writer, normal,
     registrations kept, no temporary file, and no image left current that a restart
@@ -289,7 +279,7 @@ def random_kill_run(tmp_path: Path, rng: random.Random, size: int, phase: str) -
         d.check_log()
 
 
-@pytest.mark.hard
+@pytest.mark.nondeterministic
 def test_random_kills_during_a_large_freeze(tmp_path: Path) -> None:
     rng = random.Random(20250701)
     outcomes = []

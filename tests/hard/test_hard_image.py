@@ -516,7 +516,6 @@ def test_random_corruptions_fast(tmp_path: Path, source: Source) -> None:
     print(f"{sum(tally.values())} corruptions {tally}: {oracle.refused} refused, {oracle.accepted} harmless")
 
 
-@pytest.mark.hard
 def test_thousands_of_random_corruptions(tmp_path: Path, source: Source) -> None:
     oracle = _oracle(tmp_path, source)
     before = _maxrss_mib()
@@ -571,7 +570,7 @@ def test_any_index_is_refused_or_sound_fast(tmp_path: Path, source: Source, writ
     any_index(tmp_path, source, writer, state_, chunk, recs)
 
 
-@pytest.mark.hard
+@pytest.mark.nondeterministic
 @settings(max_examples=1500, **ANY_SETTINGS)  # type: ignore[arg-type]
 @given(**ANY_INDEX)
 def test_any_index_is_refused_or_sound(tmp_path: Path, source: Source, writer: Any, state_: Any, chunk: int,
@@ -665,6 +664,5 @@ def test_damaged_images_through_a_daemon_fast(tmp_path: Path, source: Source) ->
 
 
 @needs_fuse
-@pytest.mark.hard
 def test_damaged_images_through_a_daemon(tmp_path: Path, source: Source) -> None:
     daemon_sample(tmp_path, source, 40, seed=2025)

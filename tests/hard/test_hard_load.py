@@ -4,6 +4,10 @@ operator drives the state machine through prepare/cancel and prepare/freeze/canc
 cycles. No token is lost or held twice, every client sees EEXIST/EBUSY only where the
 policy says so, and the image of the simulated kexec that follows holds exactly the
 files the clients hold, byte for byte.
+
+Both sides do a fixed amount of work (each client its operations, the operator its
+cycles), and the checks are about what happened, not how much of it fitted in a time:
+a slow or a loaded machine changes the interleaving, not the verdict.
 """
 
 from __future__ import annotations
@@ -19,29 +23,49 @@ from pathlib import Path
 
 import pytest
 
-from hardlib import IMAGE, FaultyDaemon, listing, needs_fuse, sh_state_event, sha256_fd, state, write_errno
+from hardlib import (IMAGE, OTHERS_PYTHON, FaultyDaemon, Racer, listing, needs_fuse, public_copy, sh_state_event,
+                     sha256_fd, state, write_errno)
 from kexecfs.core.image import HandoverImage
 
 pytestmark = needs_fuse
 
-WORKER = Path(__file__).resolve().parent / "load_worker.py"
 OWNERS = [3000, 3001, 3002, 3003]
 
 
-def drive_state_machine(mnt: Path, stop: threading.Event, tally: collections.Counter) -> None:  # type: ignore[type-arg]
-    """The operator: prepare then cancel, sometimes prepare, freeze, cancel, as fast as it goes."""
+# What a client may see: its own successes, EEXIST for a token someone holds, EBUSY
+# while the machine is prepared or frozen (load_worker.py exits on anything else).
+CLIENT_OUTCOMES = {"preserve:ok", "preserve:EEXIST", "preserve:EBUSY", "unpreserve:ok", "unpreserve:EBUSY", "list"}
+
+
+def operator_plan(cycles: int) -> list[list[str]]:
+    """The operator's events: ``cycles`` times prepare, cancel or (about one in three)
+    prepare, freeze, cancel."""
     rng = random.Random(4)
-    while not stop.is_set():
-        events = ["prepare", "freeze", "cancel"] if rng.random() < 0.3 else ["prepare", "cancel"]
+    return [["prepare", "freeze", "cancel"] if rng.random() < 0.3 else ["prepare", "cancel"] for _ in range(cycles)]
+
+
+def drive_state_machine(mnt: Path, names: list[str], plan: list[list[str]], clients_done: threading.Event,
+                        tally: collections.Counter) -> None:  # type: ignore[type-arg]
+    """The operator: each cycle of ``plan``, every event of which must succeed. A cycle
+    starts once the clients changed a listing since the last one (or all finished), so
+    the cycles fall among the clients' operations whichever side is faster."""
+    pauses = random.Random(5)
+    seen: list[str] | None = None
+    for events in plan:
+        while True:
+            now = [(mnt / name / "fd_preserve").read_text() for name in names]
+            if now != seen or clients_done.is_set():
+                break
+            time.sleep(0.002)
+        seen = now
         for event in events:
             err = write_errno(mnt / "state", event.encode())
             tally[f"{event}:{err}"] += 1
             assert err == 0, f"{event}: errno {err}"
-            time.sleep(rng.uniform(0, 0.03))
-        time.sleep(rng.uniform(0, 0.05))
+            time.sleep(pauses.uniform(0, 0.01))  # a moment in each state for clients to run into
 
 
-def run_load(tmp_path: Path, clients: int, ops: int, space: int) -> None:
+def run_load(tmp_path: Path, clients: int, ops: int, space: int, cycles: int) -> None:
     d = FaultyDaemon(tmp_path)
     d.start()
     mnt = d.mountpoint
@@ -50,16 +74,17 @@ def run_load(tmp_path: Path, clients: int, ops: int, space: int) -> None:
         for name, uid in zip(names, OWNERS):
             os.mkdir(mnt / name)
             os.chown(mnt / name, uid, uid)
-        stop = threading.Event()
+        clients_done = threading.Event()
         tally: collections.Counter[str] = collections.Counter()
-        driver = threading.Thread(target=drive_state_machine, args=(mnt, stop, tally))
+        plan = operator_plan(cycles)
+        driver = Racer(drive_state_machine, mnt, names, plan, clients_done, tally)
         started = time.monotonic()
         procs = []
         for c in range(clients):
             i = c % len(OWNERS)
             procs.append((names[i], subprocess.Popen(
-                ["setpriv", f"--reuid={OWNERS[i]}", f"--regid={OWNERS[i]}", "--clear-groups", "/usr/bin/python3",
-                 str(WORKER), str(mnt / names[i]), str(c), str(ops), str(space)],
+                ["setpriv", f"--reuid={OWNERS[i]}", f"--regid={OWNERS[i]}", "--clear-groups", OTHERS_PYTHON,
+                 str(public_copy("tests/hard/load_worker.py")), str(mnt / names[i]), str(c), str(ops), str(space)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         driver.start()
         results: dict[str, list[dict]] = collections.defaultdict(list)  # type: ignore[type-arg]
@@ -69,11 +94,21 @@ def run_load(tmp_path: Path, clients: int, ops: int, space: int) -> None:
                 assert p.returncode == 0, f"client of {name}: {err}"
                 results[name].append(json.loads(out))
         finally:
-            stop.set()
+            clients_done.set()
             driver.join(60)
         elapsed = time.monotonic() - started
         assert not driver.is_alive(), "the operator hung"
+        assert tally == collections.Counter(f"{event}:0" for events in plan for event in events), \
+            "the operator's events did not all happen, or not all succeeded"
         assert state(mnt) == "normal"
+        # Each client did all its operations, and its ledger adds up: what it holds is
+        # what it preserved less what it unpreserved.
+        for name, ledgers in results.items():
+            for ledger in ledgers:
+                c = ledger["counts"]
+                assert ledger["ops"] == ops == c.get("preserve:ok", 0) + c.get("unpreserve:ok", 0) + c.get("list", 0)
+                assert set(c) <= CLIENT_OUTCOMES, f"{name}: outcomes outside the policy: {set(c) - CLIENT_OUTCOMES}"
+                assert c.get("preserve:ok", 0) - c.get("unpreserve:ok", 0) == len(ledger["held"]), f"{name}: ledger"
         # No token lost, none held twice: the listing is the union of the clients' ledgers.
         expected: dict[tuple[str, int], str] = {}
         for name, ledgers in results.items():
@@ -106,20 +141,18 @@ def run_load(tmp_path: Path, clients: int, ops: int, space: int) -> None:
         sh_state_event(mnt, "finish")
         print(f"load: {clients} clients, {total_ops} operations in {elapsed:.1f} s, {len(expected)} files "
               f"preserved at the kexec; client outcomes {dict(counts)}; operator {dict(tally)}")
-        assert counts["preserve:ok"] > clients and counts["unpreserve:ok"] > 0
-        assert sum(v for k, v in tally.items() if k.startswith("prepare")) >= 3, "the machine was hardly driven"
     finally:
         d.stop()
     d.check_log()
 
 
-@pytest.mark.hard
+@pytest.mark.nondeterministic
 def test_32_clients_thousands_of_files(tmp_path: Path) -> None:
-    run_load(tmp_path, clients=32, ops=200, space=600)
+    run_load(tmp_path, clients=32, ops=200, space=600, cycles=40)
 
 
 def test_8_clients_fast(tmp_path: Path) -> None:
-    run_load(tmp_path, clients=8, ops=40, space=50)
+    run_load(tmp_path, clients=8, ops=40, space=50, cycles=6)
 
 
 def test_more_files_than_a_default_soft_fd_limit(tmp_path: Path) -> None:

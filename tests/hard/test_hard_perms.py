@@ -15,11 +15,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from hardlib import NOBODY, FaultyDaemon, needs_fuse, sh_state_event, state, write_errno
+from hardlib import (NOBODY, OTHERS_PYTHON, FaultyDaemon, needs_fuse, others_env, public_copy, sh_state_event, state,
+                     write_errno)
 
 pytestmark = needs_fuse
 
-AGENT = Path(__file__).resolve().parent / "perm_agent.py"
 UA, UB = 1001, 1002
 INSTANCES = {"a": UA, "b": UB, "r": 0}  # r: created by root and kept (its creator owns it)
 
@@ -40,7 +40,7 @@ ROLES = [Role("root", 0, 0), Role("owner-a", UA, 1), Role("owner-b", UB, 2), Rol
 
 
 def run_agent(role: Role, ops: list[list[Any]], mnt: Path, binds: Path) -> dict[str, list[Any]]:
-    cmd = ["/usr/bin/python3", str(AGENT), json.dumps(ops)]
+    cmd = [OTHERS_PYTHON, str(public_copy("tests/hard/perm_agent.py")), json.dumps(ops)]
     if role.userns:
         # A container: its own user (mapped root = the role's uid), pid and mount namespaces,
         # with each instance bind-mounted into it.
@@ -49,7 +49,7 @@ def run_agent(role: Role, ops: list[list[Any]], mnt: Path, binds: Path) -> dict[
                "bash", "-c", f"{mounts} && exec \"$@\"", "agent", *cmd]
     if role.uid:
         cmd = ["setpriv", f"--reuid={role.uid}", f"--regid={role.uid}", "--clear-groups", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=others_env())
     assert r.returncode == 0, f"{role}: {r.stderr}"
     return json.loads(r.stdout)
 

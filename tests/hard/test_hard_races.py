@@ -28,7 +28,8 @@ def preserve(mnt: Path, inst: str, fd: int, token: int) -> int:
     return write_errno(mnt / inst / "fd_preserve", f"{fd} {token}".encode())
 
 
-@pytest.mark.parametrize("rounds", [pytest.param(2, id="fast"), pytest.param(12, id="long", marks=pytest.mark.hard)])
+@pytest.mark.parametrize("rounds", [pytest.param(2, id="fast"),
+                                    pytest.param(12, id="long", marks=pytest.mark.nondeterministic)])
 def test_preserve_racing_prepare(tmp_path: Path, rounds: int) -> None:
     """Preserves that succeed all come before prepare takes the machine; after it, EBUSY;
     the image holds exactly the successes."""
@@ -82,7 +83,8 @@ def test_preserve_racing_prepare(tmp_path: Path, rounds: int) -> None:
     d.check_log()
 
 
-@pytest.mark.parametrize("seconds", [pytest.param(1.5, id="fast"), pytest.param(10, id="long", marks=pytest.mark.hard)])
+@pytest.mark.parametrize("seconds", [pytest.param(1.5, id="fast"),
+                                     pytest.param(10, id="long", marks=pytest.mark.nondeterministic)])
 def test_rmdir_racing_preserve(tmp_path: Path, seconds: float) -> None:
     """An instance with files cannot be removed, and a removed one takes no files: at the
     end the instance holds exactly what its client believes it holds."""
@@ -184,7 +186,8 @@ def test_rmdir_racing_preserve(tmp_path: Path, seconds: float) -> None:
 TOKENS = 400
 
 
-@pytest.mark.parametrize("rounds", [pytest.param(2, id="fast"), pytest.param(8, id="long", marks=pytest.mark.hard)])
+@pytest.mark.parametrize("rounds", [pytest.param(2, id="fast"),
+                                    pytest.param(8, id="long", marks=pytest.mark.nondeterministic)])
 def test_open_racing_finish(tmp_path: Path, rounds: int) -> None:
     """After a kexec, clients open fds/<token> while the owner finishes: every open that
     succeeded restored the file (right contents, valid after finish), and finish keeps
@@ -249,8 +252,8 @@ def test_open_racing_finish(tmp_path: Path, rounds: int) -> None:
     d.check_log()
 
 
-@pytest.mark.parametrize("change", ["mkdir", "cancel", pytest.param("preserve", marks=pytest.mark.hard),
-                                    pytest.param("chown", marks=pytest.mark.hard)])
+@pytest.mark.parametrize("change", ["mkdir", "cancel", pytest.param("preserve", marks=pytest.mark.nondeterministic),
+                                    pytest.param("chown", marks=pytest.mark.nondeterministic)])
 def test_changes_while_a_kexec_recovers(tmp_path: Path, change: str) -> None:
     """A simulated kexec ends the old machine, then recovers the next one from the image
     (seconds for a large one). A change that succeeds meanwhile must not be made to the
