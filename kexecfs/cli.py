@@ -1,4 +1,6 @@
-"""The ``kexecfs`` command.
+"""The ``kexecfs`` command. Its manual page (man/man1/kexecfs.1) and bash completion
+(completion/kexecfs) are generated from the parser below by tools/cli-docs.py: after a
+change here, run ``make man``.
 
     kexecfs mount MOUNTPOINT [--image-dir DIR] [--foreground] [--log-target T] [-o OPTS] ...
     kexecfs status [--json]              the status file as a table (or typed JSON)

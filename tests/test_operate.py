@@ -184,19 +184,28 @@ def test_shutdown_hook_freezes_only_for_kexec(daemon: Daemon) -> None:
     assert "nothing prepared" in kexecfs("shutdown-hook", "--force", mnt=mnt).stdout
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is missing "
-                    "(Debian package systemd; `make test` installs it)")
-def test_systemd_units_verify(tmp_path: Path) -> None:
-    """systemd-analyze verify every unit; the installed paths are swapped for ones that
-    exist here, as `make install` would create them."""
-    assert {u.name for u in UNITS} == {"kexecfs.service", "kexecfs-freeze.service", "kexecfs-example.service",
-                                       "kexecfs-metrics.service", "kexecfs-metrics.timer"}
-    for unit in UNITS:
+@pytest.mark.skipif(not shutil.which("systemd-analyze") or not shutil.which("man"), reason="systemd-analyze or "
+                    "man is missing (Debian packages systemd and man-db; `make test` installs them)")
+def test_installed_units_verify_with_their_man_pages(tmp_path: Path) -> None:
+    """systemd-analyze verify, man pages included (no --man=no), of the units as `make
+    install` installs them, with the man pages it installs. Staged with DESTDIR; the
+    command's path is swapped for the venv's, which `make install` would make /opt/kexecfs."""
+    stage = tmp_path / "stage"
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "install-files", f"DESTDIR={stage}"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    unitdir = stage / "etc/systemd/system"
+    installed = sorted(unitdir.iterdir())
+    assert {u.name for u in installed} == {u.name for u in UNITS} == {
+        "kexecfs.service", "kexecfs-freeze.service", "kexecfs-example.service", "kexecfs-metrics.service",
+        "kexecfs-metrics.timer"}
+    for unit in installed:
         text = unit.read_text().replace("/usr/local/bin/kexecfs-keep-memfd", str(ROOT / "examples/keep_memfd.py"))
-        (tmp_path / unit.name).write_text(text.replace("/usr/local/bin/kexecfs", str(VENV_BIN / "kexecfs")))
-    r = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / u.name) for u in UNITS)],
-                       capture_output=True, text=True, timeout=120)
+        unit.write_text(text.replace("/usr/local/bin/kexecfs", str(VENV_BIN / "kexecfs")))
+    r = subprocess.run(["systemd-analyze", "verify", *map(str, installed)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "MANPATH": str(stage / "usr/local/share/man")})
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    assert (stage / "usr/local/share/bash-completion/completions/kexecfs").exists()
 
 
 def test_kexecfs_service_is_type_notify_and_ordered() -> None:
