@@ -80,6 +80,7 @@ install: .apt.stamp install-files
 install-files:
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(UNITDIR)
 	install -m 644 systemd/*.service systemd/*.timer $(DESTDIR)$(UNITDIR)/
+	install -m 755 examples/kexecfs-kexec $(DESTDIR)$(PREFIX)/sbin/kexecfs-kexec
 	install -D -m 644 systemd/kexecfs-example.sysusers $(DESTDIR)/etc/sysusers.d/kexecfs-example.conf
 	install -D -m 644 man/man1/kexecfs.1 $(DESTDIR)$(PREFIX)/share/man/man1/kexecfs.1
 	install -D -m 644 man/man7/kexecfs.7 $(DESTDIR)$(PREFIX)/share/man/man7/kexecfs.7

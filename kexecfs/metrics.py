@@ -2,7 +2,7 @@
 node_exporter's textfile collector (``--textfile PATH``, replaced atomically: the
 collector must never read half a file) or anything that scrapes text.
 
-Every series is named ``kexecfs_*``. A duration that was never measured (no freeze yet,
+Every series is named ``kexecfs_*``; the per-instance ones carry ``kexecfs_instance="NAME"``. A duration that was never measured (no freeze yet,
 nothing recovered) is absent rather than 0; a mount that does not answer gives
 ``kexecfs_up 0`` and nothing else, so that an alert can fire on it. Standard library only.
 """
@@ -18,6 +18,9 @@ from .abi import STATE_NUMBERS
 from .client import Kexecfs, NotKexecfs
 
 STATES = tuple(STATE_NUMBERS)
+# Not "instance": Prometheus gives every scraped series an instance label (the target),
+# and would rename ours to exported_instance.
+LABEL = "kexecfs_instance"
 
 
 def _escape(value: str) -> str:
@@ -65,10 +68,10 @@ def _machine(out: Exposition, status: dict[str, Any]) -> None:
 
 def _instances(out: Exposition, instances: list[dict[str, Any]]) -> None:
     def per_instance(key: str) -> list[tuple[dict[str, str], float]]:
-        return [({"instance": i["name"]}, i[key]) for i in instances]
+        return [({LABEL: i["name"]}, i[key]) for i in instances]
 
     out.family("kexecfs_instance_state", "gauge", "Each instance's state (1 for the current one).",
-               [({"instance": i["name"], "state": s}, int(i["state"] == s)) for i in instances for s in STATES])
+               [({LABEL: i["name"], "state": s}, int(i["state"] == s)) for i in instances for s in STATES])
     out.family("kexecfs_preserved_files", "gauge", "Files preserved in the instance.", per_instance("files"))
     out.family("kexecfs_preserved_bytes", "gauge", "Bytes of the files preserved in the instance.",
                per_instance("bytes"))
@@ -76,7 +79,7 @@ def _instances(out: Exposition, instances: list[dict[str, Any]]) -> None:
                per_instance("image_bytes"))
     out.family("kexecfs_blocked_files", "gauge", "Preserved files the next prepare would refuse (deleted, ...): "
                "each blocks the whole update.",
-               [({"instance": i["name"]}, sum(1 for p in i["preserved"] if p["problem"])) for i in instances])
+               [({LABEL: i["name"]}, sum(1 for p in i["preserved"] if p["problem"])) for i in instances])
 
 
 def exposition(mount: Path) -> str:

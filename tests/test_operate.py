@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FUSE_SKIP, NOBODY, OTHERS_PYTHON, ROOT, Daemon, others_env, public_copy, sh
+from conftest import FUSE_SKIP, NOBODY, OTHERS_PYTHON, ROOT, Daemon, in_kernel_with_kexec, others_env, public_copy, sh
 
 VENV_BIN = Path(sys.executable).parent
 UNITS = sorted([*(ROOT / "systemd").glob("*.service"), *(ROOT / "systemd").glob("*.timer")])
@@ -206,6 +206,7 @@ def test_installed_units_verify_with_their_man_pages(tmp_path: Path) -> None:
                        timeout=120, env={**os.environ, "MANPATH": str(stage / "usr/local/share/man")})
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
     assert (stage / "usr/local/share/bash-completion/completions/kexecfs").exists()
+    assert os.access(stage / "usr/local/sbin/kexecfs-kexec", os.X_OK)
 
 
 def test_kexecfs_service_is_type_notify_and_ordered() -> None:
@@ -383,6 +384,52 @@ def test_journal_entries_carry_instance_token_event(tmp_path: Path) -> None:
     failed = [e for e in about_db if e.get("EVENT") == "prepare"]
     assert failed and failed[0]["TOKEN"] == "7" and failed[0]["PRIORITY"] == "3", about_db
     assert "fd_unpreserve" in failed[0]["MESSAGE"], failed
+
+
+def kexec_script(mnt: Path, tmp_path: Path, kexec_fails: bool = False) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run examples/kexecfs-kexec (installed as /usr/local/sbin/kexecfs-kexec) against a real
+    mount, with the real kexecfs command, and stand-ins for kexec(8) and systemctl(1) that
+    write down how they were called, in order (the systemd VM test runs the real ones)."""
+    tools = tmp_path / "tools"
+    tools.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    for name, code in (("kexec", 1 if kexec_fails else 0), ("systemctl", 0)):
+        (tools / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\nexit {code}\n')
+        (tools / name).chmod(0o755)
+    (tools / "kexecfs").symlink_to(VENV_BIN / "kexecfs")
+    kernel = tmp_path / "vmlinuz-6.99"
+    kernel.write_bytes(b"not really a kernel")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "KEXECFS_MOUNT": str(mnt)}
+    r = in_kernel_with_kexec(str(ROOT / "examples/kexecfs-kexec"), "--kernel", str(kernel), "--initrd",
+                             str(tmp_path / "initrd"), env=env)
+    return r, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_kexec_script_checks_prepares_loads_and_kexecs(daemon: Daemon, tmp_path: Path) -> None:
+    mnt = daemon.mountpoint
+    sh(f"mkdir {mnt}/db", check=True)
+    r, calls = kexec_script(mnt, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert calls == [f"kexec -l {tmp_path}/vmlinuz-6.99 --initrd={tmp_path}/initrd --reuse-cmdline", "systemctl kexec"]
+    assert (mnt / "state").read_text() == "prepared\n", "prepared; the freeze hook freezes at the shutdown"
+
+
+def test_kexec_script_changes_nothing_when_check_fails(daemon: Daemon, tmp_path: Path) -> None:
+    mnt = daemon.mountpoint
+    victim = tmp_path / "journal"
+    victim.write_bytes(b"j")
+    sh(f"mkdir {mnt}/db && exec 5<>{victim} && echo '5 3' > {mnt}/db/fd_preserve && rm {victim}", check=True)
+    r, calls = kexec_script(mnt, tmp_path)
+    assert r.returncode == 1 and calls == [], r.stdout + r.stderr
+    assert f"fix: echo 3 > {mnt}/db/fd_unpreserve" in r.stdout and "nothing was changed" in r.stderr
+    assert (mnt / "state").read_text() == "normal\n"
+
+
+def test_kexec_script_cancels_when_the_kernel_does_not_load(daemon: Daemon, tmp_path: Path) -> None:
+    r, calls = kexec_script(daemon.mountpoint, tmp_path, kexec_fails=True)
+    assert r.returncode != 0 and len(calls) == 1 and calls[0].startswith("kexec -l"), r.stderr
+    assert "cancelling the prepare" in r.stderr
+    assert (daemon.mountpoint / "state").read_text() == "normal\n", "the prepare is cancelled"
 
 
 def test_container_sees_only_its_instance(daemon: Daemon, tmp_path: Path) -> None:

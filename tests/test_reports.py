@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FUSE_SKIP, NOBODY, ROOT, Daemon, sh
+from conftest import FUSE_SKIP, NOBODY, ROOT, Daemon, in_kernel_with_kexec, sh
 
 NoneType = type(None)
 # The documented schema (docs/json.md), written out here so that the code cannot drift from it.
@@ -114,16 +114,6 @@ def test_a_damaged_image_counts_as_a_recovery_failure(daemon: Daemon) -> None:
 # ---------------------------------------------------------------------------- kexecfs check
 
 CHECKS = {"mount", "pidfd_getfd", "passthrough", "image_dir", "free_space", "kexec_loaded", "luo", "state", "instance"}
-
-
-def in_kernel_with_kexec(*cmd: str, loaded: str | None = "0") -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` where /sys/kernel/kexec_loaded reads ``loaded`` (None: is missing, as in a
-    kernel without kexec): a tmpfs over /sys/kernel in a mount namespace of its own, so
-    that what check finds does not depend on the kernel this test runs on."""
-    setup = "mount -t tmpfs tmpfs /sys/kernel" + ("" if loaded is None else f" && echo {loaded} > /sys/kernel/kexec_loaded")
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"',
-                           "sh", *cmd], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def check(mnt: Path, *args: str, loaded: str | None = "0") -> tuple[int, list[str]]:
@@ -264,6 +254,8 @@ def parse_exposition(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], f
             assert name in helped and name in typed, f"{name} has no HELP or TYPE before its samples"
             assert typed[name] != "counter" or name.endswith("_total"), f"counter {name} without _total"
             key = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or ""))
+            # Prometheus sets job and instance on every scraped series: a target's own would be renamed.
+            assert not {"job", "instance"} & {k for k, _ in key}, line
             assert key not in families.setdefault(name, {}), f"{name}{key} twice"
             families[name][key] = float(value)
     return families
@@ -283,10 +275,10 @@ def test_metrics_in_the_prometheus_text_format(daemon: Daemon, tmp_path: Path) -
     victim.write_bytes(b"j" * 100)
     sh(f"exec 5<>{victim}; echo '5 2' > {mnt}/db/fd_preserve; rm {victim}", check=True)
     m = metrics(mnt)
-    db = (("instance", "db"),)
+    db = (("kexecfs_instance", "db"),)
     assert m["kexecfs_up"] == {(): 1}
     assert m["kexecfs_state"] == {(("state", s),): float(s == "normal") for s in ("normal", "prepared", "frozen", "updated")}
-    assert m["kexecfs_instance_state"][(("instance", "db"), ("state", "normal"))] == 1
+    assert m["kexecfs_instance_state"][(("kexecfs_instance", "db"), ("state", "normal"))] == 1
     assert (m["kexecfs_preserved_files"][db], m["kexecfs_preserved_bytes"][db], m["kexecfs_image_bytes"][db]) == \
         (2, (1 << 20) + 100, 1 << 20)
     assert m["kexecfs_blocked_files"][db] == 1, "the deleted file blocks the next prepare"
