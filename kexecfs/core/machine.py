@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import math
 import os
 import time
 import uuid
@@ -623,9 +624,10 @@ class LiveUpdate:
         self.state = State.UPDATED
         self.last_image = path
         self.last_recovery_seconds = time.monotonic() - started
-        freeze_started = image.writer.get("freeze_started")
-        if isinstance(freeze_started, float) and time.time() >= freeze_started:  # (a clock set back: unknown)
-            self.last_blackout_seconds = time.time() - freeze_started
+        # Only a date the wall clock has passed (a clock set back, or a damaged value: unknown).
+        freeze_started, now = image.writer.get("freeze_started"), time.time()
+        if isinstance(freeze_started, float) and math.isfinite(freeze_started) and now >= freeze_started:
+            self.last_blackout_seconds = now - freeze_started
         self.progress = ""
         log.info("recovered %s: %d instance(s), %d file(s), %d bytes of contents in %.3f s; state updated",
                  path, len(self.instances), sum(len(i.files) for i in self.instances.values()), total,
