@@ -386,14 +386,15 @@ def test_journal_entries_carry_instance_token_event(tmp_path: Path) -> None:
     assert "fd_unpreserve" in failed[0]["MESSAGE"], failed
 
 
-def kexec_script(mnt: Path, tmp_path: Path, kexec_fails: bool = False) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def kexec_script(mnt: Path, tmp_path: Path, fails: str = "") -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """Run examples/kexecfs-kexec (installed as /usr/local/sbin/kexecfs-kexec) against a real
     mount, with the real kexecfs command, and stand-ins for kexec(8) and systemctl(1) that
     write down how they were called, in order (the systemd VM test runs the real ones)."""
     tools = tmp_path / "tools"
     tools.mkdir(exist_ok=True)
     calls = tmp_path / "calls"
-    for name, code in (("kexec", 1 if kexec_fails else 0), ("systemctl", 0)):
+    for name in ("kexec", "systemctl"):
+        code = 1 if name == fails else 0
         (tools / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\nexit {code}\n')
         (tools / name).chmod(0o755)
     (tools / "kexecfs").symlink_to(VENV_BIN / "kexecfs")
@@ -425,9 +426,11 @@ def test_kexec_script_changes_nothing_when_check_fails(daemon: Daemon, tmp_path:
     assert (mnt / "state").read_text() == "normal\n"
 
 
-def test_kexec_script_cancels_when_the_kernel_does_not_load(daemon: Daemon, tmp_path: Path) -> None:
-    r, calls = kexec_script(daemon.mountpoint, tmp_path, kexec_fails=True)
-    assert r.returncode != 0 and len(calls) == 1 and calls[0].startswith("kexec -l"), r.stderr
+@pytest.mark.parametrize("fails", ["kexec", "systemctl"])
+def test_kexec_script_cancels_when_the_kexec_cannot_happen(daemon: Daemon, tmp_path: Path, fails: str) -> None:
+    """kexec -l refuses the kernel, or systemd refuses the kexec job: the host is left normal."""
+    r, calls = kexec_script(daemon.mountpoint, tmp_path, fails=fails)
+    assert r.returncode != 0 and calls[-1].startswith(fails) and len(calls) == (1 if fails == "kexec" else 2), r.stderr
     assert "cancelling the prepare" in r.stderr
     assert (daemon.mountpoint / "state").read_text() == "normal\n", "the prepare is cancelled"
 
