@@ -209,13 +209,25 @@ def test_installed_units_verify_with_their_man_pages(tmp_path: Path) -> None:
     assert os.access(stage / "usr/local/sbin/kexecfs-kexec", os.X_OK)
 
 
+# Options that give a service a mount namespace of its own (systemd's exec_needs_mount_namespace).
+MOUNT_NAMESPACE_OPTIONS = ("ProtectSystem=", "ProtectHome=", "PrivateTmp=", "PrivateDevices=", "PrivateMounts=",
+                           "ProtectKernelTunables=", "ProtectKernelModules=", "ProtectKernelLogs=",
+                           "ProtectControlGroups=", "ProtectHostname=", "ProtectProc=", "ProcSubset=", "BindPaths=",
+                           "BindReadOnlyPaths=", "TemporaryFileSystem=", "ReadOnlyPaths=", "InaccessiblePaths=",
+                           "ReadWritePaths=", "RootDirectory=", "RootImage=", "MountAPIVFS=", "PrivateIPC=")
+
+
 def test_kexecfs_service_is_type_notify_and_ordered() -> None:
     unit = (ROOT / "systemd/kexecfs.service").read_text()
     assert "Type=notify" in unit and "OOMScoreAdjust=" in unit
+    # The daemon mounts kexecfs in its own mount namespace: it must be the host's, or no
+    # other service sees the mount (found by the systemd variant of make test-kexec).
+    settings = [line.split("=", 1)[0] + "=" for line in unit.splitlines() if line and not line.startswith("#")]
+    assert not set(settings) & set(MOUNT_NAMESPACE_OPTIONS), set(settings) & set(MOUNT_NAMESPACE_OPTIONS)
     freeze = (ROOT / "systemd/kexecfs-freeze.service").read_text()
     assert "After=kexecfs.service" in freeze and "ExecStop=/usr/local/bin/kexecfs shutdown-hook" in freeze
     example = (ROOT / "systemd/kexecfs-example.service").read_text()
-    assert "BindPaths=/run/kexecfs/example:/run/liveupdate" in example
+    assert "BindPaths=-/run/kexecfs/example:/run/liveupdate" in example
 
 
 def test_ready_notification_over_the_notify_socket(tmp_path: Path) -> None:
