@@ -94,7 +94,8 @@ man:
 	python3 tools/cli-docs.py --write
 
 # The real kexec in a qemu guest (tests/vm/README.md): build-guest.sh caches under build/vm.
-include tests/vm/vm.mk
+# (-include: a copy of the sources without tests/, as the VM guest's, still installs.)
+-include tests/vm/vm.mk
 test-kexec: setup
 
 clean:
