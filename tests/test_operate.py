@@ -260,32 +260,48 @@ def notifications_until_ready(sock: socket.socket) -> list[dict[str, str]]:
     return received
 
 
+def received_now(sock: socket.socket) -> list[dict[str, str]]:
+    """The notifications waiting on ``sock``, without waiting for more."""
+    received = []
+    sock.setblocking(False)
+    try:
+        while True:
+            received.append(dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines()))
+    except BlockingIOError:
+        return received
+    finally:
+        sock.settimeout(120)
+
+
 def test_recovery_of_1gib_reports_progress_before_ready(tmp_path: Path) -> None:
     """Recovery runs before READY=1: under a notify socket the daemon sends STATUS= progress
     and EXTEND_TIMEOUT_USEC= meanwhile, so systemd's start timeout does not kill a large
-    recovery (the daemon here recovers 1 GiB in one memfd after being killed)."""
+    recovery (the daemon here recovers 1 GiB in one memfd after being killed). Prepare and
+    freeze report their progress the same way."""
     if FUSE_SKIP:
         pytest.skip(FUSE_SKIP)
     d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log")
     d.mountpoint.mkdir()
-    d.start()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(120)
+    os.environ["NOTIFY_SOCKET"] = str(tmp_path / "notify")
     try:
+        d.start()
+        notifications_until_ready(sock)
         sh(f"mkdir {d.mountpoint}/vm", check=True)
         code = (f"import os; m=os.memfd_create('ram'); b=os.urandom(1<<20)\n"
                 f"for i in range(1024): os.pwrite(m, b, i<<20)\n"
                 f"open('{d.mountpoint}/vm/fd_preserve','w').write(f'{{m}} 1')")
         subprocess.run(["/usr/bin/python3", "-c", code], check=True, timeout=120)
         sh(f"echo prepare > {d.mountpoint}/state && echo freeze > {d.mountpoint}/state", check=True, timeout=300)
+        statuses = [m["STATUS"] for m in received_now(sock) if "STATUS" in m]
+        for phase in ("prepare", "freeze"):
+            assert any(s.startswith(f"{phase}: ") for s in statuses), statuses
+        assert statuses[-1] == f"serving {d.mountpoint}: state frozen", statuses
         d.kill()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(str(tmp_path / "notify"))
-            sock.settimeout(120)
-            os.environ["NOTIFY_SOCKET"] = str(tmp_path / "notify")
-            try:
-                d.start()
-            finally:
-                del os.environ["NOTIFY_SOCKET"]
-            received = notifications_until_ready(sock)
+        d.start()
+        received = notifications_until_ready(sock)
         assert (d.mountpoint / "state").read_text() == "updated\n"
         before_ready = received[:-1]
         assert any(m.get("STATUS", "").startswith("recovery: ") and "of 1024 MiB" in m["STATUS"]
@@ -294,6 +310,8 @@ def test_recovery_of_1gib_reports_progress_before_ready(tmp_path: Path) -> None:
         assert extensions and all(e >= 10_000_000 for e in extensions), received
         assert "state updated" in received[-1]["STATUS"], received
     finally:
+        del os.environ["NOTIFY_SOCKET"]
+        sock.close()
         d.stop()
 
 

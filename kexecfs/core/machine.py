@@ -391,6 +391,8 @@ class LiveUpdate:
             before = self.state
             started = time.monotonic()
             try:
+                if event in SLOW_EVENTS:  # heard at once, even if no byte needs copying (an unchanged freeze)
+                    self.progress = f"{event}: under way"
                 body()
             except Exception as exc:
                 answer = refusal(exc)
