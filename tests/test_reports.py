@@ -306,3 +306,13 @@ def test_metrics_textfile_for_node_exporter(daemon: Daemon, tmp_path: Path) -> N
 
 def test_metrics_without_a_mount_say_down(tmp_path: Path) -> None:
     assert metrics(tmp_path) == {"kexecfs_up": {(): 0}}
+
+
+def test_client_commands_load_neither_pyfuse3_nor_trio() -> None:
+    """The kexecfs command's client side (status, instances, check, metrics, the shutdown
+    hook) runs where FUSE libraries may be missing and starts fast: only mount loads them."""
+    code = ("import sys, kexecfs.cli, kexecfs.report, kexecfs.preflight, kexecfs.metrics, kexecfs.systemd\n"
+            "print(sorted(m for m in ('pyfuse3', 'trio', 'kexecfs._fusehook') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
