@@ -88,6 +88,17 @@ def sh(script: str, *, uid: int | None = None, check: bool = False, cwd: str | N
     return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=cwd, timeout=timeout)
 
 
+
+def in_kernel_with_kexec(*cmd: str, loaded: str | None = "0", env: dict[str, str] | None = None,
+                         ) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` where /sys/kernel/kexec_loaded reads ``loaded`` (None: is missing, as in a
+    kernel without kexec): a tmpfs over /sys/kernel in a mount namespace of its own, so
+    that what kexecfs check finds does not depend on the kernel the tests run on."""
+    setup = "mount -t tmpfs tmpfs /sys/kernel" + ("" if loaded is None else f" && echo {loaded} > /sys/kernel/kexec_loaded")
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"',
+                           "sh", *cmd], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=env or {**os.environ, "PYTHONPATH": str(ROOT)})
+
 def sh_state_event(mnt: Path, event: str, target: str = "state", uid: int | None = None) -> None:
     """``echo EVENT > mnt/target``, as an operator would; it must succeed."""
     r = sh(f"echo {event} > {mnt}/{target}", uid=uid, timeout=300)

@@ -440,9 +440,10 @@ def run_corruptions(oracle: Oracle, seed: int, count: int, boot_every: int) -> d
     return tally
 
 
-# Informational fields: a value of another type there changes nothing kexecfs does.
+# Informational fields: a value of another type there changes nothing kexecfs does
+# (freeze_started only dates the blackout that status reports; not a float: unknown).
 INFORMATIONAL = {("writer", "hostname"), ("writer", "created"), ("writer", "version"), ("writer", "boot_id"),
-                 ("state",)}
+                 ("writer", "freeze_started"), ("state",)}
 
 
 def _matters(path: tuple) -> bool:  # type: ignore[type-arg]
