@@ -50,6 +50,7 @@ class SaveTimes:
     saved: float  # stop until the device state is committed
     quit: float  # until QEMU is gone
     stream_bytes: int
+    stopped_at: float  # time.perf_counter() when "stop" was sent: where the downtime starts
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ResumeTimes:
     started: float  # its monitor answers
     loaded: float  # the device state is loaded
     running: float  # "cont" returned: the guest runs
+    running_at: float  # time.perf_counter() then: where the downtime ends
 
 
 def default_run_base() -> Path:
@@ -222,7 +224,7 @@ def _suspend(monitor: Monitor, holder: int, record: dict[str, Any], migration: M
         pass  # gone before it answered: what quit asks
     if not wait_exit(pid, 30):
         kill(pid)
-    return SaveTimes(saved, time.perf_counter() - t0, stream_bytes)
+    return SaveTimes(saved, time.perf_counter() - t0, stream_bytes, t0)
 
 
 def _carry_on(monitor: Monitor, holder: int) -> None:
@@ -329,7 +331,8 @@ def _start_loaded(config: GuestConfig, record: dict[str, Any], ram: int, holder:
         wait_runstate(monitor, "inmigrate", timeout)
         loaded = time.perf_counter() - t0
         monitor.execute("cont")
-        return ResumeTimes(started, loaded, time.perf_counter() - t0)
+        running_at = time.perf_counter()
+        return ResumeTimes(started, loaded, running_at - t0, running_at)
     except (VmError, QmpError, MonitorClosed, TimeoutError) as exc:
         try:
             proc.wait(5)  # a failed incoming migration ends QEMU, which says why on its way out
