@@ -8,6 +8,7 @@ and reads the guest's console: a guest that survived goes on counting with its b
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon
+from conftest import NOBODY, OTHERS_PYTHON, ROOT, Daemon, others_env, sh
 from tinyguest import MEMORY, Console, TinyGuest, one_life
 
 # The error tests need a QEMU but not a booted guest; the others wait for ticks.
@@ -200,3 +201,32 @@ def test_a_failed_save_lets_the_guest_run_on(vms: Vms) -> None:
     seen = console.ticks()[-1][0]
     one_life(console.wait_for_tick(seen + 2))
     assert preserved(vms.mnt, "blocked")[1] == ("memfd", 0), "no commit record of a save that failed"
+
+
+def test_an_unprivileged_owner_runs_its_vm(vms: Vms) -> None:
+    """Root makes and delegates the instance; the rest is the owner's, QEMU included."""
+    sh(f"mkdir {vms.mnt}/own && chown -R {NOBODY}:{NOBODY} {vms.mnt}/own", check=True)
+    home = vms.tmp / "owner"  # the owner's: guest files, console, run directory
+    home.mkdir()
+    for f in (vms.tiny.kernel, vms.tiny.initrd):
+        shutil.copy(f, home / f.name)
+    os.chown(home, NOBODY, NOBODY)
+    vms.run_dir.mkdir()
+    os.chown(vms.run_dir, NOBODY, NOBODY)
+    guest = TinyGuest(home / vms.tiny.kernel.name, home / vms.tiny.initrd.name)
+
+    def as_owner(*args: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", OTHERS_PYTHON,
+                            "-m", "kexecfs", "--mount", str(vms.mnt), "vm", "--run-dir", str(vms.run_dir), *args],
+                           capture_output=True, text=True, timeout=120, env=others_env(), cwd="/")
+        assert r.returncode == 0, f"kexecfs vm {' '.join(args)} as uid {NOBODY}: {r.stdout}{r.stderr}"
+        return r
+
+    as_owner("start", "own", "--memory", MEMORY, "--", *guest.qemu_options(home / "own.console"))
+    vms.event("prepare")
+    as_owner("update", "own")
+    vms.event("kexec")
+    as_owner("resume", "own")
+    pid = vms.qemu_pid("own")
+    assert pid and os.stat(f"/proc/{pid}").st_uid == NOBODY, "the owner's QEMU runs as the owner"
+    assert (vms.mnt / "own" / "state").read_text() == "normal\n"
