@@ -230,3 +230,11 @@ def test_an_unprivileged_owner_runs_its_vm(vms: Vms) -> None:
     pid = vms.qemu_pid("own")
     assert pid and os.stat(f"/proc/{pid}").st_uid == NOBODY, "the owner's QEMU runs as the owner"
     assert (vms.mnt / "own" / "state").read_text() == "normal\n"
+
+
+def test_a_qemu_that_does_not_start_leaves_nothing_behind(vms: Vms) -> None:
+    r = vms.cli("start", "bad", "--memory", MEMORY, "--", "-no-such-option", check=False)
+    assert r.returncode == 1 and "-no-such-option" in r.stderr, r.stderr  # QEMU's own words
+    assert not (vms.mnt / "bad").exists(), "the instance start made is removed again, RAM and all"
+    r = vms.cli("start", "bad", "--memory", MEMORY, "--", "-m", "1G", check=False)
+    assert r.returncode == 1 and "--memory" in r.stderr, r.stderr
