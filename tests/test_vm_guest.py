@@ -67,10 +67,18 @@ class Vms:
         return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else pid
 
     def kill_all(self) -> None:
-        for pidfile in self.run_dir.glob("*/qemu.pid"):
-            pid = self.qemu_pid(pidfile.parent.name)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
+        """Every QEMU of this test: found by its command line (which names this test's
+        directory), not by pid files, which a broken kexecfs vm may have left wrong."""
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if proc.name.isdigit() and cmdline.startswith(b"qemu-system") and str(self.tmp).encode() in cmdline:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 @pytest.fixture
