@@ -82,8 +82,8 @@ def test_commit_refuses_an_empty_stream() -> None:
 # ---------------------------------------------------------------------------- QMP
 
 class ScriptedQemu:
-    """The QEMU end of a monitor: answers each command from ``replies`` (a value, or an
-    exception class name for an error), sends ``events`` before a command's reply, and
+    """The QEMU end of a monitor: answers each command from ``replies`` (a value, "Error:"
+    and a description, or a function of the arguments giving either), sends ``events`` before a command's reply, and
     keeps every command and the descriptors that came with it."""
 
     def __init__(self, replies: dict[str, Any], events: dict[str, list[dict[str, Any]]] | None = None) -> None:
@@ -117,6 +117,8 @@ class ScriptedQemu:
         for event in self.events.get(name, []):
             self._send({"event": event["event"], "data": event.get("data", {})})
         reply = self.replies.get(name, {})
+        if callable(reply):
+            reply = reply(command.get("arguments", {}))
         if name == "close":
             self._qemu.close()
             return False
@@ -192,10 +194,10 @@ def test_qemu_7_2_migrates_in_normal_mode_with_x_ignore_shared() -> None:
     m = qemu.monitor()
     migration = migration_of(m)
     assert migration.mode == "normal" and migration.version == "7.2.0"
-    set_up_migration(m, migration.mode)
-    caps, params = (c["arguments"] for c, _ in qemu.received[-2:])
-    assert {"capability": "x-ignore-shared", "state": True} in caps["capabilities"]
-    assert "mode" not in params, "QEMU 7.2 has no mode parameter: setting one would fail"
+    assert set_up_migration(m, migration.mode) == "normal"
+    sent = [c["arguments"] for c, _ in qemu.received if c["execute"].startswith("migrate-set-")]
+    assert {"capability": "x-ignore-shared", "state": True} in sent[0]["capabilities"]
+    assert not any("mode" in args for args in sent), "QEMU 7.2 has no mode parameter: setting one would fail"
 
 
 def test_a_qemu_with_cpr_reboot_uses_it() -> None:
@@ -203,8 +205,17 @@ def test_a_qemu_with_cpr_reboot_uses_it() -> None:
     m = qemu.monitor()
     migration = migration_of(m)
     assert migration.mode == "cpr-reboot"
-    set_up_migration(m, migration.mode)
-    assert qemu.received[-1][0]["arguments"]["mode"] == "cpr-reboot"
+    assert set_up_migration(m, migration.mode) == "cpr-reboot"
+    assert qemu.received[-1][0]["arguments"] == {"mode": "cpr-reboot"}
+
+
+def test_a_mode_qemu_refuses_falls_back_to_normal_for_a_save() -> None:
+    qemu = qemu_with(["events", "x-ignore-shared"], [["normal", "cpr-reboot"]])
+    qemu.replies["migrate-set-parameters"] = lambda args: "Error:no such mode" if "mode" in args else {}
+    m = qemu.monitor()
+    assert set_up_migration(m, "cpr-reboot", fall_back=True) == "normal"
+    with pytest.raises(QmpError):
+        set_up_migration(m, "cpr-reboot")  # a load must use the mode it was saved in
 
 
 def test_a_qemu_without_x_ignore_shared_is_refused() -> None:

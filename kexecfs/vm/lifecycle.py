@@ -160,13 +160,14 @@ def update(kx: Kexecfs, name: str, run: RunDir, timeout: float = 60, prepare: bo
         raise VmError(f"QEMU of VM {name!r} is not running (updated already? then it resumes after the kexec)")
     _check_prepared(kx, name, prepare)
     with Monitor.connect(run.monitor) as monitor:
-        migration = migration_of(monitor)
+        offered = migration_of(monitor)
+        migration = Migration(set_up_migration(monitor, offered.mode, fall_back=True), offered.version)
         record = {"guest": config.to_json(), "migration": migration.to_json(),
                   "machine_type": machine_type(monitor),
                   "saved_on": {"boot_id": _boot_id(), "time": time.time()}}
         holder = holder_of(pid, name)
         try:
-            times = _suspend(monitor, holder, record, migration, timeout, pid)
+            times = _suspend(monitor, holder, record, timeout, pid)
         finally:
             os.close(holder)
     after = kx.state()
@@ -202,9 +203,7 @@ def _check_prepared(kx: Kexecfs, name: str, prepare: bool) -> None:
         raise VmError(f"the machine is {state}, not prepared, so {name!r} keeps running: {hint}")
 
 
-def _suspend(monitor: Monitor, holder: int, record: dict[str, Any], migration: Migration, timeout: float,
-             pid: int) -> SaveTimes:
-    set_up_migration(monitor, migration.mode)
+def _suspend(monitor: Monitor, holder: int, record: dict[str, Any], timeout: float, pid: int) -> SaveTimes:
     pending = devstate.begin(holder, record)
     monitor.execute("getfd", {"fdname": STREAM_FD_NAME}, fds=[holder])
     t0 = time.perf_counter()

@@ -226,14 +226,21 @@ def _has_enum_value(monitor: Monitor, value: str) -> bool:
     return False
 
 
-def set_up_migration(monitor: Monitor, mode: str) -> None:
-    """Capabilities and parameters, the same on both sides (the incoming side must match)."""
+def set_up_migration(monitor: Monitor, mode: str, fall_back: bool = False) -> str:
+    """Capabilities and parameters, the same on both sides (the incoming side must match);
+    returns the mode set. With ``fall_back``, a QEMU that refuses ``mode`` (a newer mode
+    than this code was tried with) migrates in normal mode, which every QEMU here can."""
     monitor.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
-    params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
+    monitor.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
     if mode != "normal":
-        params["mode"] = mode
-    monitor.execute("migrate-set-parameters", params)
+        try:
+            monitor.execute("migrate-set-parameters", {"mode": mode})
+        except QmpError:
+            if not fall_back:
+                raise
+            return "normal"
+    return mode
 
 
 def wait_migration(monitor: Monitor, timeout: float) -> None:
