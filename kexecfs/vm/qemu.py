@@ -6,8 +6,8 @@ share=on``): QEMU never copies it, the memfd lives on in kexecfs across the kexe
 with the ``x-ignore-shared`` migration capability a migration carries everything but that
 RAM (about 0.3 MB for a small PC). QEMU 7.2 (Debian 12) has exactly this; QEMU 8.2 and
 later add the ``cpr-reboot`` migration mode for this very use (a host reboot or kexec
-between save and load; it also allows devices that block ordinary migration, VFIO among
-them), which is used where the QEMU offers it. ``cpr-transfer`` (QEMU 10) hands
+between save and load; it lets some devices that block ordinary migration through, VFIO
+since 9.0), which is used where the QEMU offers it. ``cpr-transfer`` (QEMU 10) hands
 descriptors from one QEMU to the next while both run on the same kernel, so it cannot
 cross a kexec and is not used.
 """
