@@ -13,6 +13,8 @@ Layout (the architecture at a glance): two wings.
                  (mount, main loop, readiness), ``fusehook`` (the C extension's loader)
 - ``abi``        the LUO ioctl ABI: numbers, structs, states, events (standard library only)
 - ``cli``        the ``kexecfs`` command;  ``client``: the library services use
+- ``vm/``        ``kexecfs vm``: QEMU guests whose RAM lives in kexecfs (a client of the mount,
+                 standard library only)
 - ``defaults``   the default mount point and image directory
 """
 

@@ -14,6 +14,7 @@ change here, run ``make man``.
                                          "kexecfs preserve --instance db --fd 5 5<>/var/lib/db/journal")
     kexecfs shutdown-hook [--force]      freeze if a kexec is under way (systemd's kexecfs-freeze.service)
     kexecfs [--mount M] run -- PROGRAM   an unmodified LUO program (Linux 6.19 sessions) on kexecfs
+    kexecfs vm start|update|resume|stop|list   QEMU guests whose RAM lives in kexecfs (kexecfs/vm/)
 
 ``mount -t fuse.kexecfs kexecfs /run/kexecfs -o image_dir=/var/lib/kexecfs`` works too:
 mount.fuse3 runs ``kexecfs kexecfs /run/kexecfs -o OPTS``, which this command accepts.
@@ -83,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run an unmodified LUO program (6.19 API) on kexecfs: kexecfs run -- PROGRAM")
     r.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments (after --)")
+
+    from .vm.cli import add_parser as add_vm_parser  # standard library only, like this module
+
+    add_vm_parser(sub)
 
     im = sub.add_parser("image", help="inspect a handover image")
     isub = im.add_subparsers(dest="image_command", required=True, metavar="SUBCOMMAND")
@@ -236,6 +241,12 @@ def _run(args: argparse.Namespace) -> int:
     return Launcher(Path(args.mount)).run(program)
 
 
+def _vm(args: argparse.Namespace) -> int:
+    from .vm.cli import run
+
+    return run(args)
+
+
 def _kexec_queued() -> bool:
     """Is systemd carrying out "systemctl kexec"? (An ordinary reboot must not freeze.)"""
     import subprocess
@@ -317,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command in ("event", "kexec"):
         return _event(args.mount, getattr(args, "event", "kexec"))
+    if args.command == "vm":
+        return _vm(args)
     handlers = {"run": _run, "instances": _instances, "check": _check, "metrics": _metrics, "preserve": _preserve,
                 "shutdown-hook": _shutdown_hook, "image": _image}
     return handlers[args.command](args)

@@ -23,6 +23,7 @@
 #        KXVM_MIRROR=http://deb.debian.org/debian
 #        KXVM_WITH_PROJECT=0                  (guest without kexecfs: for run-kexec.py --standin)
 #        KXVM_SYSTEMD=1                       (also root-systemd.ext4, for --variant systemd)
+#        KXVM_LAYERS=kernel                   (stop after the kernel and busybox: tests/vm/tiny)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -356,6 +357,11 @@ h=$( { echo "$H_KERNEL"; sha256sum < "$BBDEB"; cat "$HERE/guest/stub-init"; decl
 if ! stamp_ok stub "$h"; then log "stub initramfs: building"; build_stub "$BBDEB" "$KVER"; stamp_set stub "$h"; fi
 H_STUB=$h
 cp "$OUT/kernel/vmlinuz" "$OUT/vmlinuz"
+# KXVM_LAYERS=kernel: the kernel and busybox only, for guests without a root image
+# (tests/vm/tiny/build.sh: the kexecfs vm tests and bench).
+if [ "${KXVM_LAYERS:-all}" = kernel ]; then
+    echo "$KVER" > "$OUT/kver"; log "kernel $KVER and busybox ready (KXVM_LAYERS=kernel)"; exit 0
+fi
 
 h=$( { echo "$SUITE $MIRROR $BASE_PACKAGES"; declare -f build_base; } | sha)
 if ! stamp_ok base "$h" || [ ! -d "$OUT/base/tree" ]; then
