@@ -98,7 +98,7 @@ def check_image_dir(status: dict[str, Any]) -> Finding:
     if fstype in _VOLATILE:
         return Finding("image_dir", "fail", f"{image_dir} is on {fstype}: the image would not survive a real kexec "
                        "(it is RAM of the old kernel)", fix="kexecfs mount --image-dir DIR on a disk or a DAX "
-                       f"(pmem) filesystem")
+                       "(pmem) filesystem")
     dax = " with DAX (persistent memory)" if "dax" in options.split(",") else ""
     return Finding("image_dir", "ok", f"{image_dir} is on {fstype or 'an unknown filesystem'} ({source}){dax}")
 

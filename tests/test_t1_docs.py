@@ -6,7 +6,6 @@ of the tree, every status field and every ioctl."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
