@@ -246,3 +246,32 @@ def test_guest_ram_is_the_memfd_mapped_shared_and_never_discarded(tmp_path: Path
     assert "memory-backend=kexecfs-ram" in argv[argv.index("-machine") + 1]
     assert argv[-3:] == ["-incoming", "defer", "-S"]
     assert argv.index("-display") < argv.index("-incoming"), "the user's options come before the incoming ones"
+
+
+# ---------------------------------------------------------------------------- the command
+
+@pytest.mark.parametrize("words,memory,options", [
+    (["web", "--memory", "1G", "--", "-display", "none", "-m", "x"], "1G", ["-display", "none", "-m", "x"]),
+    (["--memory", "1G", "web", "--", "-display", "none"], "1G", ["-display", "none"]),
+    (["web", "-m", "2G", "--", "-a", "--", "b"], "2G", ["-a", "--", "b"]),
+])
+def test_start_takes_its_options_before_the_double_dash_and_qemus_after(words: list[str], memory: str,
+                                                                           options: list[str]) -> None:
+    from kexecfs.cli import _parser
+    from kexecfs.vm.cli import _start_words
+
+    args = _parser().parse_args(["vm", "start", *words])
+    assert _start_words(args) == options and args.memory == memory and args.name == "web"
+
+
+@pytest.mark.parametrize("words,complaint", [
+    (["web", "--", "-display", "none"], "--memory"),
+    (["web", "--memory", "1G", "-display", "none"], "after --"),
+    (["web", "--memory", "1G", "--bogus", "--", "-a"], "unknown start options --bogus"),
+])
+def test_start_says_what_is_wrong_with_its_words(words: list[str], complaint: str) -> None:
+    from kexecfs.cli import _parser
+    from kexecfs.vm.cli import _start_words
+
+    with pytest.raises(VmError, match=complaint):
+        _start_words(_parser().parse_args(["vm", "start", *words]))

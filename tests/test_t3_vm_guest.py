@@ -38,8 +38,8 @@ class Vms:
         self.run_dir = tmp_path / "vm-run"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "kexecfs", "--mount", str(self.mnt), "vm",
-                            "--run-dir", str(self.run_dir), *args],
+        r = subprocess.run([sys.executable, "-m", "kexecfs", "--mount", str(self.mnt), "vm", args[0],
+                            "--run-dir", str(self.run_dir), *args[1:]],
                            capture_output=True, text=True, timeout=120, cwd=ROOT,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         if check:
@@ -225,7 +225,8 @@ def test_an_unprivileged_owner_runs_its_vm(vms: Vms) -> None:
 
     def as_owner(*args: str) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", OTHERS_PYTHON,
-                            "-m", "kexecfs", "--mount", str(vms.mnt), "vm", "--run-dir", str(vms.run_dir), *args],
+                            "-m", "kexecfs", "--mount", str(vms.mnt), "vm", args[0], "--run-dir", str(vms.run_dir),
+                            *args[1:]],
                            capture_output=True, text=True, timeout=120, env=others_env(), cwd="/")
         assert r.returncode == 0, f"kexecfs vm {' '.join(args)} as uid {NOBODY}: {r.stdout}{r.stderr}"
         return r
