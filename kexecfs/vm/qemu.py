@@ -122,9 +122,9 @@ class RunDir:
 
 def command_line(config: GuestConfig, ram_fd: int, run: RunDir, incoming: bool) -> list[str]:
     """QEMU's argv: guest RAM from the memfd at ``ram_fd`` (shared, never discarded) and the
-    monitor; then the user's options. QEMU inherits the next device-state memfd at
-    ``holder_fd`` too, and holds it without knowing (not in an fdset: QEMU closes the
-    fds of its fdsets when no monitor is connected)."""
+    monitor; then the user's options. :func:`launch` also lets QEMU inherit the VM's next
+    device-state memfd, which QEMU holds without knowing (not in an fdset: QEMU closes the
+    fds of its fdsets whenever no monitor is connected)."""
     ram = (f"memory-backend-file,id={RAM_BACKEND_ID},mem-path=/proc/self/fd/{ram_fd},share=on,"
            f"size={config.memory},discard-data=off")  # discard-data=on would drop the guest at exit
     argv = [config.qemu, "-object", ram, "-machine", f"memory-backend={RAM_BACKEND_ID}",
@@ -151,10 +151,8 @@ def launch(argv: list[str], fds: list[int], run: RunDir, timeout: float) -> tupl
             raise VmError(f"QEMU exited with status {proc.returncode} while starting:\n{run.log_tail()}")
         try:
             return proc, Monitor.connect(run.monitor, max(1.0, deadline - time.monotonic()))
-        except (FileNotFoundError, ConnectionRefusedError, MonitorClosed):
-            pass
-        except TimeoutError:
-            pass
+        except (FileNotFoundError, ConnectionRefusedError, MonitorClosed, TimeoutError):
+            pass  # not listening yet, or not greeting yet: QEMU is still starting
         if time.monotonic() > deadline:
             kill(proc.pid)
             raise VmError(f"QEMU did not open its monitor within {timeout:.0f} s:\n{run.log_tail()}")
