@@ -300,3 +300,17 @@ def test_freeze_reads_again_only_what_can_have_changed(machine: LiveUpdate, capl
     files = after.instances["vm"].files
     assert os.pread(files[1].fd, 1 << 20, 0) == os.pread(sealed, 1 << 20, 0)
     assert os.pread(files[2].fd, 1 << 20, 0) == os.pread(loose, 1 << 20, 0)
+
+
+def test_a_removed_instance_number_is_never_given_again_after_a_kexec(machine: LiveUpdate) -> None:
+    """The kernel can still hold open files of a removed instance (they answer ENODEV); a
+    new instance after a kexec must not take that number and receive their requests."""
+    keep = machine.create_instance("keep", ROOT)
+    gone = machine.create_instance("gone", ROOT)
+    machine.preserve(keep, ROOT, memfd(b"x"), 1)
+    machine.remove_instance("gone", ROOT)
+    run(machine, "prepare")
+    run(machine, "kexec")
+    after = machine.reboot()
+    fresh = after.create_instance("fresh", ROOT)
+    assert fresh.ino not in (keep.ino, gone.ino), (fresh.ino, keep.ino, gone.ino)

@@ -359,6 +359,9 @@ class HandoverImage:
         kexec_count = _expect(writer, "kexec_count", int, path)
         if not _in_range("kexec_count", kexec_count):
             raise ImageError(f"{path}: writer kexec_count {kexec_count} out of range")
+        next_ino = writer.get("next_instance_ino", 0)  # absent in images before it was recorded
+        if not _is_int(next_ino) or not 0 <= next_ino < 1 << 47 or next_ino % 16:  # INO_STRIDE (machine.py)
+            raise ImageError(f"{path}: writer next_instance_ino {next_ino!r} is not an instance inode number")
         state = _expect(index, "state", str, path)
         chunk_size = _expect(index, "chunk_size", int, path)
         records = _expect(index, "records", list, path)

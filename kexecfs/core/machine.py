@@ -485,8 +485,11 @@ class LiveUpdate:
                 records.append({"type": "file", "instance": inst.name, "token": pf.token,
                                 "kind": pf.kind.name, **fields})
             # The next boot reckons the blackout from when the freeze began (wall clock: it goes on across a kexec).
+            # Instance inodes already given out, removed ones too: the kernel may still hold
+            # open files of a removed instance, which must answer ENODEV, not reach a new one.
             self.last_image = writer.commit({"writer": {**writer_info(self.boot_id, self.kexec_count),
-                                                        "freeze_started": started_at},
+                                                        "freeze_started": started_at,
+                                                        "next_instance_ino": self._next_ino},
                                              "state": State.FROZEN.word, "records": records})
             log.info("freeze: re-checked %d bytes of contents, rewrote %d", writer.bytes_checked,
                      writer.bytes_written - written_by_prepare)
@@ -601,6 +604,7 @@ class LiveUpdate:
                                 incoming=True)
                 self.instances[inst.name] = self.by_ino[inst.ino] = inst
                 self._next_ino = max(self._next_ino, inst.ino + INO_STRIDE)
+            self._next_ino = max(self._next_ino, image.writer.get("next_instance_ino", 0))  # checked by the reader
             total = sum(e[1] for f in image.files for e in f.get("extents", []))
             done = 0
             report = self._progress("recovery")
