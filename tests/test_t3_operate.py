@@ -391,8 +391,17 @@ def test_journal_entries_carry_instance_token_event(tmp_path: Path) -> None:
             stderr=stderr, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         inside = ["nsenter", f"--target={proc.pid}", "--mount", "bash", "-c"]
         try:
-            script = (f"for i in $(seq 300); do cat {mnt}/state 2>/dev/null && break; sleep 0.1; done; "
-                      f"mkdir {mnt}/db; exec 5<>{victim}; echo '5 7' > {mnt}/db/fd_preserve; rm {victim}; "
+            # nsenter right after Popen may join the namespace unshare has not made yet, and then
+            # never see the mount: wait for the mount in the daemon's own mountinfo first.
+            mountinfo = Path(f"/proc/{proc.pid}/mountinfo")
+            for _ in range(600):
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()
+                if f" {mnt} " in mountinfo.read_text():
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"no mount on {mnt} in the daemon's namespace after 60 s")
+            script = (f"mkdir {mnt}/db; exec 5<>{victim}; echo '5 7' > {mnt}/db/fd_preserve; rm {victim}; "
                       f"echo prepare > {mnt}/state; umount {mnt}")
             r = subprocess.run([*inside, script], capture_output=True, text=True, timeout=60)
             assert "write error" in r.stderr, r.stdout + r.stderr
