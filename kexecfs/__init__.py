@@ -15,6 +15,8 @@ Layout (the architecture at a glance): two wings.
                  ``restart``, ``fdstore``, ``keeper`` (what outlives the daemon)
 - ``abi``        the LUO ioctl ABI: numbers, structs, states, events (standard library only)
 - ``cli``        the ``kexecfs`` command;  ``client``: the library services use
+- ``vm/``        ``kexecfs vm``: QEMU guests whose RAM lives in kexecfs (a client of the mount,
+                 standard library only)
 - ``defaults``   the default mount point and image directory
 """
 

@@ -3,3 +3,6 @@ the daemon, the command and the client library."""
 
 DEFAULT_MOUNTPOINT = "/run/kexecfs"
 DEFAULT_IMAGE_DIR = "/var/lib/kexecfs"
+
+# Where the daemon may log without --log-file (kexecfs mount --log-target; see kexecfs.fs.daemon).
+LOG_TARGETS = ("auto", "stderr", "journal", "syslog")

@@ -146,7 +146,7 @@ class Launcher:
         msg, fds, _flags, _addr = socket.recv_fds(parent, 256, 1)
         parent.close()
         if not fds:
-            _, status = os.waitpid(pid, 0)
+            os.waitpid(pid, 0)
             print(f"kexecfs run: {msg.decode(errors='replace')}", file=sys.stderr)
             return 1
         return self._serve(fds[0], pid)
@@ -179,7 +179,8 @@ class Launcher:
             if pidfd in ready:
                 _, status = os.waitpid(pid, 0)
                 os.close(listener)
-                return os.waitstatus_to_exitcode(status) % 256 if status else 0
+                code = os.waitstatus_to_exitcode(status)
+                return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as shells say
 
     def _one(self, listener: int) -> None:
         buf = ctypes.create_string_buffer(_NOTIF.size)

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""An instance owner probing what a restore grants (run as the owner by test_restore_access).
+"""An instance owner probing what a restore grants (run as the owner by test_t3_restore_access).
 
 Standard library only, run with the system python: it must work as an unprivileged uid
 from any checkout. Two commands:

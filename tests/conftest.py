@@ -1,246 +1,52 @@
-"""Fixtures: a real kexecfs mount served by a daemon in a child process.
+"""Fixtures and hooks only; what the tests share otherwise is in harness.py (and its
+standard-library half, payload.py). The tiers, one per file-name prefix:
 
-The daemon is the installed program (``python -m kexecfs mount --foreground``), its log
-goes to a file, and teardown fails the test if the daemon logged a traceback it was
-not told to expect: a handler that hit an unexpected exception is a bug even when the
-caller only saw EIO.
+- ``test_t1_*``: no mount. The core (machine, instances, image, names) and the FUSE
+  operations class driven directly with trio. Fast; no root, no /dev/fuse.
+- ``test_t2_*``: a real mount, driven with the tools users use (bash, cat, echo, ls,
+  ioctl from Python and C); the C extension against a mini daemon (:mod:`minifs`).
+- ``test_t3_*``: scenarios: whole live updates (preserve, prepare, freeze, a simulated
+  kexec or a killed daemon, restore, finish), damaged images, containers, other uids,
+  restore grants, sessions, mount(8) and systemd, the kernel's LUO selftests.
+- ``hard/test_t4_hard_*``: hardening: every fault point, disk full, fuzzing, thousands
+  of damaged images, races, load, the permissions matrix. The random-timing runs are
+  marked ``nondeterministic`` (make test-hard only); the rest is in make test.
+- tier 5, the real kexec in a VM: tests/vm (``make test-kexec``), not pytest.
+
+A test that mounts is skipped, saying why, where FUSE cannot be used (harness.FUSE_SKIP).
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-NOBODY = 65534
-
-# Processes the tests start as other uids (setpriv, unshare) must need nothing inside
-# the checkout: a clone may sit where they cannot enter (root's home is 0700 on Debian).
-# They run the system python (the venv's may live in that home too) on a world-readable
-# copy of these, made once per run below the public base (see public_copy).
-OTHERS_PYTHON = "/usr/bin/python3"
-PUBLIC_FILES = ("kexecfs", "tests/service.py", "tests/hard/perm_agent.py", "tests/hard/load_worker.py",
-                "examples/keep_memfd.py")
-
-
-def _fuse_usable() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse on this machine"
-    if os.geteuid() != 0:
-        return "kexecfs tests mount FUSE filesystems with allow_other and take descriptors with pidfd_getfd: run as root"
-    if not shutil.which("fusermount3"):
-        return "fusermount3 is missing (Debian package fuse3; `make test` installs it)"
-    return None
-
-
-FUSE_SKIP = _fuse_usable()
-
-
-def sh(script: str, *, uid: int | None = None, check: bool = False, cwd: str | None = None,
-       timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in bash (as ``uid`` if given), the way a user at a shell would."""
-    cmd = ["bash", "-c", script]
-    if uid is not None:
-        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=cwd, timeout=timeout)
-
-
-class Daemon:
-    """A kexecfs daemon serving ``mountpoint``; restartable, killable."""
-
-    def __init__(self, mountpoint: Path, image_dir: Path, log: Path, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.mountpoint = mountpoint
-        self.image_dir = image_dir
-        self.log = log
-        self.extra = extra or []
-        self.env = env or {}  # for the daemon's process, over the test's own environment
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.expected: list[str] = []  # log fragments that mark an expected traceback
-
-    def start(self) -> None:
-        logf = open(self.log, "ab")
-        logged = logf.tell()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kexecfs", "mount", str(self.mountpoint), "--image-dir", str(self.image_dir),
-             "--foreground", *self.extra],
-            stdout=logf, stderr=logf, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **self.env})
-        deadline = time.monotonic() + 30
-        # Not a look at the mount until the daemon says it serves: the mount of a restarted
-        # daemon exists all along, and a request to it waits until some daemon answers.
-        while "kexecfs mounted on" not in self.log.read_bytes()[logged:].decode(errors="replace") \
-                or not is_mounted(self.mountpoint):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kexecfs daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kexecfs did not mount within 30 s:\n{self.log.read_text()}")
-            time.sleep(0.02)
-        # The mount exists once init() returns; wait until requests are answered too.
-        while True:
-            try:
-                (self.mountpoint / "state").read_text()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL the daemon, as a crash would. Its connection stays with the keeper:
-        requests wait, the next :meth:`start` serves them, :meth:`stop` unmounts."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """Unmount and end the daemon, and with it the connection and its keeper, even if
-        the daemon was killed (then nothing would answer a request still waiting)."""
-        if self.proc is None:
-            return
-        orphaned = self.proc.poll() is not None  # killed: the keeper holds the connection
-        if not orphaned:
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                orphaned = True
-        connection = connection_id(self.mountpoint)
-        if is_mounted(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-        # Only a connection still held (its number cannot have gone to another mount).
-        if orphaned and connection is not None:
-            abort_connection(connection)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def unexpected_tracebacks(self) -> list[str]:
-        blocks = self.log_text().split("Traceback (most recent call last)")[1:]
-        return [b for b in blocks if not any(e in b for e in self.expected)]
-
-
-def connection_id(mnt: Path) -> str | None:
-    """The FUSE connection number of the mount at ``mnt`` (its device's minor), if mounted."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == _mountinfo_path(mnt):
-                return fields[2].split(":")[1]
-    return None
-
-
-def abort_connection(connection: str) -> None:
-    """End a FUSE connection (fusectl's abort): requests still waiting fail, and the keeper
-    holding it exits. Nothing if it has ended already."""
-    control = Path("/sys/fs/fuse/connections")
-    if not control.joinpath(connection).exists() and not os.path.ismount(control):
-        subprocess.run(["mount", "-t", "fusectl", "none", str(control)], capture_output=True)
-    try:
-        control.joinpath(connection, "abort").write_text("1")
-    except OSError:
-        pass  # ended already
-
-
-def _mountinfo_path(path: Path) -> str:
-    return "".join({" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}.get(c, c) for c in str(path))
-
-
-def is_mounted(path: Path) -> bool:
-    """Whether a filesystem is mounted on ``path``, from the mount table: a stat could wait
-    forever for a daemon that is not running (its connection kept for the next one)."""
-    target = _mountinfo_path(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-_public_base_path: Path | None = None
-_public_copy_path: Path | None = None
-
-
-def public_base() -> Path:
-    """This run's directory in /tmp, made on first use: other uids may traverse it
-    (0711) but not list it; removed when the run ends."""
-    global _public_base_path
-    if _public_base_path is None:
-        _public_base_path = Path(tempfile.mkdtemp(prefix="kexecfs-tests-", dir="/tmp"))
-        os.chmod(_public_base_path, 0o711)
-    return _public_base_path
-
-
-def public_copy(rel: str = "") -> Path:
-    """The copy of ``rel`` (one of PUBLIC_FILES, a path in the checkout) that every uid
-    can read; with no argument, the copy's top, to put on PYTHONPATH.
-
-    The modes are set, not copied: a checkout cloned under umask 077 has 0600 files."""
-    global _public_copy_path
-    if _public_copy_path is None:
-        top = public_base() / "checkout"
-        for name in PUBLIC_FILES:
-            src, dst = ROOT / name, top / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-            else:
-                shutil.copyfile(src, dst)
-        for path in (top, *top.rglob("*")):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        _public_copy_path = top
-    if rel and rel not in PUBLIC_FILES:
-        raise ValueError(f"{rel} is not copied for other uids: add it to PUBLIC_FILES")
-    return _public_copy_path / rel
-
-
-def others_env() -> dict[str, str]:
-    """The environment of a process run as another uid: the public copy of kexecfs on
-    its path, nothing of the checkout or the venv."""
-    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PYTHONPATH": str(public_copy())}
+from harness import FUSE_SKIP, Daemon, public_tmp, remove_public_base, serving
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    base = _public_base_path
-    if base is not None and str(base) not in Path("/proc/mounts").read_text():  # never recurse into a mount
-        shutil.rmtree(base, ignore_errors=True)
+    remove_public_base()
 
 
 @pytest.fixture
 def tmp_path(request: pytest.FixtureRequest) -> Path:
-    """A per-test directory the unprivileged test uids can traverse.
-
-    Replaces pytest's own: pytest keeps its temporary directories below a 0700
-    directory, which it resets to 0700 whenever a pytest session starts, so a test's
-    mount could become unreachable for other uids in the middle of the test.
-    """
-    path = Path(tempfile.mkdtemp(prefix=re.sub(r"\W", "_", request.node.name)[:40] + "-", dir=public_base()))
-    os.chmod(path, 0o711)
-    return path
+    """A per-test directory the unprivileged test uids can traverse (see harness.public_tmp);
+    replaces pytest's own."""
+    return public_tmp(request.node.name)
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A kexecfs daemon on tmp_path/mnt (images in tmp_path/images, log in
+    tmp_path/daemon.log); the test fails if it logged an unexpected traceback."""
     if FUSE_SKIP:
         pytest.skip(FUSE_SKIP)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    d = Daemon(mnt, tmp_path / "images", tmp_path / "daemon.log")
-    d.start()
-    try:
+    with serving(Daemon(mnt, tmp_path / "images", tmp_path / "daemon.log")) as d:
         yield d
-    finally:
-        d.stop()
-    bad = d.unexpected_tracebacks()
-    assert not bad, "the daemon logged unexpected tracebacks:\n" + "\n".join(bad)
 
 
 @pytest.fixture

@@ -5,17 +5,15 @@ them after it, through kexecfs.client (ioctls) and the fd_preserve file, as a re
     service.py preserve MOUNT INSTANCE SPEC.json DIGESTS.json
     service.py verify   MOUNT INSTANCE DIGESTS.json
 
-SPEC is a list of files: {"token", "kind": "memfd"|"file", "size", "pos", "seals",
-"sparse", "path" (file), "via": "ioctl"|"file"}. DIGESTS records what was preserved
-(sha256 of contents, size, position, seals). ``verify`` exits non-zero with a message
-on the first difference. Runs under the system python as any uid: it needs only
-kexecfs.client, which needs nothing beyond the standard library.
+SPEC is a list of files as :func:`payload.from_spec` reads them (token, kind, size, pos,
+islands, seals, path), each with "via": "ioctl"|"file". DIGESTS records what was preserved
+(:meth:`payload.File.record`). ``verify`` exits non-zero with a message on the first
+difference. Runs under the system python as any uid: it needs only kexecfs.client and
+payload, which need nothing beyond the standard library.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import mmap
 import os
@@ -24,58 +22,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kexecfs.client import Kexecfs  # noqa: E402
-
-SEAL_NAMES = {"shrink": fcntl.F_SEAL_SHRINK, "grow": fcntl.F_SEAL_GROW, "seal": fcntl.F_SEAL_SEAL}
-
-
-def digest(fd: int, size: int) -> str:
-    h = hashlib.sha256()
-    off = 0
-    while off < size:
-        chunk = os.pread(fd, min(8 << 20, size - off), off)
-        if not chunk:
-            break
-        h.update(chunk)
-        off += len(chunk)
-    return h.hexdigest()
-
-
-def make_memfd(spec: dict) -> int:
-    fd = os.memfd_create(f"svc-{spec['token']}", os.MFD_ALLOW_SEALING)
-    size = spec["size"]
-    os.ftruncate(fd, size)
-    if spec.get("sparse"):
-        for off in (0, size // 2, size - 4096):  # three islands of data in a sea of holes
-            os.pwrite(fd, os.urandom(4096), off)
-    else:
-        block = os.urandom(1 << 20)
-        for off in range(0, size, 1 << 20):
-            os.pwrite(fd, off.to_bytes(8, "little") + block[8:], off)  # every MiB distinct
-    seals = 0
-    for name in spec.get("seals", []):
-        seals |= SEAL_NAMES[name]
-    if seals:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return fd
+from payload import digest, from_spec  # noqa: E402
 
 
 def preserve(mount: str, name: str, spec_path: str, out_path: str) -> None:
     inst = Kexecfs(mount).instance(name)
     record = []
     for spec in json.loads(Path(spec_path).read_text()):
-        if spec["kind"] == "memfd":
-            fd = make_memfd(spec)
-        else:
-            fd = os.open(spec["path"], os.O_RDWR)
-        os.lseek(fd, spec.get("pos", 0), os.SEEK_SET)
-        size = os.fstat(fd).st_size
+        f = from_spec(name, spec)
         if spec.get("via") == "file":
-            (inst.path / "fd_preserve").write_text(f"{fd} {spec['token']}\n")
+            (inst.path / "fd_preserve").write_text(f"{f.fd} {f.token}\n")
         else:
-            inst.preserve(fd, spec["token"])
-        record.append({"token": spec["token"], "kind": spec["kind"], "size": size, "pos": spec.get("pos", 0),
-                       "sha256": digest(fd, size),
-                       "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS) if spec["kind"] == "memfd" else 0})
+            inst.preserve(f.fd, f.token)
+        record.append(f.snapshot().record())
     Path(out_path).write_text(json.dumps(record))
 
 

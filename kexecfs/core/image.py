@@ -168,6 +168,7 @@ class ImageWriter:
         pwrite_all(self.fd, PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0), 0)
         self.end = DATA_START
         self.bytes_written = 0
+        self.bytes_checked = 0  # contents re-read by refresh_contents (at freeze)
         self.committed = False  # renamed over the current image
 
     def _report(self, n: int) -> None:
@@ -182,8 +183,9 @@ class ImageWriter:
             image_off = self.end = _align(self.end)
             crcs: list[int] = []
             for off, view in _windows(fd, start, length):
-                crcs += _chunk_crcs(view, self.chunk_size)
-                pwrite_all(self.fd, view, image_off + off - start)
+                for i in range(0, len(view), self.chunk_size):
+                    with view[i:i + self.chunk_size] as part:
+                        crcs.append(self._write_chunk(part, image_off + off - start + i))
                 self._report(len(view))
                 inject("image.copy_window")
             extents.append([start, length, image_off, crcs])
@@ -201,14 +203,32 @@ class ImageWriter:
         chunk = self.chunk_size
         for start, length, image_off, crcs in extents:
             for off, view in _windows(fd, start, length):
+                self.bytes_checked += len(view)
                 first = (off - start) // chunk
                 for i, crc in enumerate(_chunk_crcs(view, chunk)):
                     if crc != crcs[first + i]:
-                        n = pwrite_all(self.fd, view[i * chunk:(i + 1) * chunk], image_off + off - start + i * chunk)
-                        crcs[first + i] = crc
-                        self._report(n)
+                        with view[i * chunk:(i + 1) * chunk] as part:
+                            crcs[first + i] = self._write_chunk(part, image_off + off - start + i * chunk)
+                            self._report(len(part))
                 inject("image.refresh_window")
         return extents
+
+    def sync(self) -> None:
+        """Make what was written so far durable (prepare's copy, before the blackout)."""
+        os.fsync(self.fd)
+
+    def _write_chunk(self, view: memoryview, image_offset: int) -> int:
+        """Write one chunk; return the CRC of exactly the bytes written.
+
+        The file may change while it is read (prepare runs beside the service: a guest's
+        RAM changes all the time), so the chunk is copied out once and both the checksum
+        and the write take that copy. A checksum of the live map and a write of it a
+        moment later could disagree; if the bytes then changed back before the freeze, the
+        freeze would see nothing to rewrite and the image would fail its own check.
+        """
+        data = bytes(view)
+        pwrite_all(self.fd, data, image_offset)
+        return crc32(data)
 
     def commit(self, index: dict[str, Any]) -> Path:
         """Write the index and trailer, make the image durable and current; return its path."""
@@ -339,6 +359,9 @@ class HandoverImage:
         kexec_count = _expect(writer, "kexec_count", int, path)
         if not _in_range("kexec_count", kexec_count):
             raise ImageError(f"{path}: writer kexec_count {kexec_count} out of range")
+        next_ino = writer.get("next_instance_ino", 0)  # absent in images before it was recorded
+        if not _is_int(next_ino) or not 0 <= next_ino < 1 << 47 or next_ino % 16:  # INO_STRIDE (machine.py)
+            raise ImageError(f"{path}: writer next_instance_ino {next_ino!r} is not an instance inode number")
         state = _expect(index, "state", str, path)
         chunk_size = _expect(index, "chunk_size", int, path)
         records = _expect(index, "records", list, path)

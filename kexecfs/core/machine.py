@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import math
 import os
 import time
 import uuid
@@ -102,7 +103,13 @@ class LiveUpdate:
         self.busy: str | None = None  # the slow event in progress, if any
         self.last_image: Path | None = None
         self.last_error = ""
+        self.on_progress: Callable[[str], None] | None = None  # hears every change of ``progress``
         self.progress = ""
+        # What operators and metrics read (None: never happened here).
+        self.last_freeze_seconds: float | None = None  # the last freeze (carried over a simulated kexec)
+        self.last_recovery_seconds: float | None = None  # this boot's recovery of an image
+        self.last_blackout_seconds: float | None = None  # from the start of that image's freeze to recovered
+        self.recovery_failures = 0  # images this daemon refused to recover (damaged)
         self.listeners: list[Callable[[], None]] = []
         self.next_ino = FIRST_INSTANCE_INO
         self.next_file_ino = FIRST_FILE_INO
@@ -116,6 +123,17 @@ class LiveUpdate:
 
     # ------------------------------------------------------------------ queries
 
+    @property
+    def progress(self) -> str:
+        """What the slow event or the recovery under way has done ("freeze: 512 MiB of 1024 MiB")."""
+        return self._progress_text
+
+    @progress.setter
+    def progress(self, text: str) -> None:
+        self._progress_text = text
+        if self.on_progress:
+            self.on_progress(text)
+
     def instance_state(self, instance: Instance) -> State:
         return State.NORMAL if instance.finished and self.state is State.UPDATED else self.state
 
@@ -127,7 +145,26 @@ class LiveUpdate:
             "preserved_bytes": sum(pf.size for pf in files), "image_dir": str(self.image_dir),
             "last_image": str(self.last_image or ""), "last_error": self.last_error,
             "progress": self.progress,
+            "last_freeze_seconds": self.last_freeze_seconds, "last_recovery_seconds": self.last_recovery_seconds,
+            "last_blackout_seconds": self.last_blackout_seconds, "recovery_failures": self.recovery_failures,
+            "unrestorable_files": sum(1 for _inst, pf in self._files() if pf.error is not None),
         }
+
+    def problem(self, pf: PreservedFile) -> str:
+        """Why ``pf`` would make the next prepare fail (the very check prepare makes), or why
+        it could not be restored after the kexec; "" if nothing is wrong."""
+        if pf.error is not None:
+            return pf.error.message
+        if pf.fd < 0:
+            return ""
+        try:
+            pf.kind.validate(pf.fd)
+        except Exception as exc:
+            answer = refusal(exc)
+            if answer is None:
+                raise
+            return answer.message
+        return ""
 
     def lookup(self, name: str) -> Instance:
         try:
@@ -162,7 +199,7 @@ class LiveUpdate:
         except KexecfsError:
             del self.instances[name], self.by_ino[inst.ino]
             raise
-        log.info("instance %r created by %s", name, caller)
+        log.info("instance %r created by %s", name, caller, extra={"INSTANCE": name})
         return inst
 
     def remove_instance(self, name: str, caller: Caller) -> None:
@@ -176,7 +213,7 @@ class LiveUpdate:
         self.record.commit()
         inst.removed = True
         del self.instances[name], self.by_ino[inst.ino]
-        log.info("instance %r removed by %s", name, caller)
+        log.info("instance %r removed by %s", name, caller, extra={"INSTANCE": name})
 
     def set_limit(self, inst: Instance, caller: Caller, which: str, value: int | None) -> None:
         """Root sets an instance's limit (``files`` or ``bytes``); None lifts it. A limit below
@@ -322,7 +359,8 @@ class LiveUpdate:
         except BaseException:
             os.close(fd)
             raise
-        log.info("instance %r: preserved token %d (%s) from %s", inst.name, pf.token, pf.line(), caller)
+        log.info("instance %r: preserved token %d (%s) from %s", inst.name, pf.token, pf.line(), caller,
+                 extra={"INSTANCE": inst.name, "TOKEN": pf.token})
         return pf
 
     def unpreserve(self, inst: Instance, caller: Caller, token: int) -> None:
@@ -333,7 +371,8 @@ class LiveUpdate:
         self.record.commit()
         pf.close()
         del inst.files[token]
-        log.info("instance %r: unpreserved token %d by %s", inst.name, token, caller)
+        log.info("instance %r: unpreserved token %d by %s", inst.name, token, caller,
+                 extra={"INSTANCE": inst.name, "TOKEN": token})
 
     def restore(self, inst: Instance, caller: Caller, token: int, flags: int | None = None) -> PreservedFile:
         """The restored file behind ``fds/<token>`` (after a kexec only), for an open with
@@ -354,7 +393,8 @@ class LiveUpdate:
             except KexecfsError:
                 pf.opened = False
                 raise
-        log.info("instance %r: token %d restored by %s", inst.name, token, caller)
+        log.info("instance %r: token %d restored by %s", inst.name, token, caller,
+                 extra={"INSTANCE": inst.name, "TOKEN": token})
         return pf
 
     # ------------------------------------------------------------------ events
@@ -400,6 +440,8 @@ class LiveUpdate:
             started = time.monotonic()
             outcome = errno.EIO
             try:
+                if event in SLOW_EVENTS:  # heard at once, even if no byte needs copying (an unchanged freeze)
+                    self.progress = f"{event}: under way"
                 body()
                 outcome = 0
             except Exception as exc:
@@ -409,7 +451,9 @@ class LiveUpdate:
                     raise
                 outcome = answer.errno
                 self.last_error = f"{event}: {answer.message}"
-                log.error("%s by %s failed: %s", event, caller, answer)
+                # The file that failed it, if one did (see _about): journalctl INSTANCE=db finds it.
+                log.error("%s by %s failed: %s", event, caller, answer,
+                          extra={"EVENT": event, **getattr(answer, "fields", {})})
                 if isinstance(exc, KexecfsError):
                     raise
                 raise KexecfsError(answer.errno, self.last_error) from exc
@@ -423,7 +467,7 @@ class LiveUpdate:
                 self.progress = ""
                 self._notify()
             log.info("%s by %s: %s -> %s in %.3f s", event, caller, before.word, self.state.word,
-                     time.monotonic() - started)
+                     time.monotonic() - started, extra={"EVENT": event})
         return work
 
     def request(self, event: str, caller: Caller, inst: Instance | None = None) -> Callable[[], None]:
@@ -451,18 +495,19 @@ class LiveUpdate:
         if self.instance_state(inst) is not State.UPDATED:
             raise fail(errno.EINVAL, f"finish in {inst.name!r}: the instance is {self.instance_state(inst).word}, "
                                      f"not updated")
+        fields = {"INSTANCE": inst.name, "EVENT": "finish"}
         if not all(i.finished or i is inst for i in self.instances.values()):
             _keep_restored(inst, self.record)
             inst.finished = True
             self.instance_changed(inst)
-            log.info("instance %r finished by %s", inst.name, caller)
+            log.info("instance %r finished by %s", inst.name, caller, extra=fields)
         else:  # the last one ends the machine's update, as a global finish does
             self._begin_intent("finish")
             outcome = errno.EIO
             try:
                 _keep_restored(inst, self.record)
                 inst.finished = True
-                log.info("instance %r finished by %s", inst.name, caller)
+                log.info("instance %r finished by %s", inst.name, caller, extra=fields)
                 self._finish()
                 outcome = 0
             finally:
@@ -543,6 +588,9 @@ class LiveUpdate:
                 with _about(inst, pf, "prepare"):
                     pf.kind.validate(pf.fd)
                     prepared[inst.name, pf.token] = pf.kind.serialize(pf.fd, writer, None)
+            # Durable now, while the services still run: freeze's fsync then flushes only
+            # the chunks that changed since, and the blackout is what changed.
+            writer.sync()
         except BaseException:
             writer.abort()
             raise
@@ -552,7 +600,9 @@ class LiveUpdate:
     def _freeze(self) -> None:
         writer = self._writer
         assert writer is not None
+        started, started_at = time.monotonic(), time.time()
         writer.progress = self._progress("freeze")
+        written_by_prepare = writer.bytes_written
         try:
             records = [inst.record() for inst in self.instances.values()]
             for inst, pf in self._files():
@@ -565,8 +615,15 @@ class LiveUpdate:
                 fields["flags"] = pf.preserved_flags
                 records.append({"type": "file", "instance": inst.name, "token": pf.token,
                                 "kind": pf.kind.name, **fields})
-            self.last_image = writer.commit({"writer": writer_info(self.boot_id, self.kexec_count),
+            # The next boot reckons the blackout from when the freeze began (wall clock: it goes on across a kexec).
+            # Instance inodes already given out, removed ones too: the kernel may still hold
+            # open files of a removed instance, which must answer ENODEV, not reach a new one.
+            self.last_image = writer.commit({"writer": {**writer_info(self.boot_id, self.kexec_count),
+                                                        "freeze_started": started_at,
+                                                        "next_instance_ino": self.next_ino},
                                              "state": State.FROZEN.word, "records": records})
+            log.info("freeze: re-checked %d bytes of contents, rewrote %d", writer.bytes_checked,
+                     writer.bytes_written - written_by_prepare)
         except BaseException:
             writer.abort()
             if writer.committed:
@@ -578,6 +635,7 @@ class LiveUpdate:
             raise
         self._writer, self._prepared = None, {}
         self.state = State.FROZEN
+        self.last_freeze_seconds = time.monotonic() - started
 
     def _cancel(self) -> None:
         if self.state is State.FROZEN:
@@ -615,7 +673,10 @@ class LiveUpdate:
         whatever the image directory alone holds (call after the kexec event). It takes
         over the journal, which then holds it alone: the kexec is complete."""
         new = LiveUpdate.boot(self.image_dir, boot_id=str(uuid.uuid4()), kexec_count=self.kexec_count + 1,
-                              policy=self.policy)
+                              policy=self.policy, on_progress=self.on_progress)
+        # The same daemon lives on: what it measured and counted before the kexec stays true.
+        new.last_freeze_seconds = self.last_freeze_seconds
+        new.recovery_failures += self.recovery_failures
         new.carry_file_inos(self)
         new.record = self.record
         try:
@@ -628,17 +689,19 @@ class LiveUpdate:
 
     @classmethod
     def boot(cls, image_dir: Path, boot_id: str | None = None, kexec_count: int = 0,
-             policy: Policy = Policy()) -> LiveUpdate:
+             policy: Policy = Policy(), on_progress: Callable[[str], None] | None = None) -> LiveUpdate:
         """A machine for a (re)started daemon: ``updated`` from an image if there is one.
 
         A damaged image is never half-loaded: it is renamed aside, the reason goes to
-        ``last_error``, and the machine starts ``normal``.
+        ``last_error``, and the machine starts ``normal``. ``on_progress`` hears how the
+        recovery goes, and later how slow events go.
         """
         image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(image_dir, 0o700)
         remove_unfinished_images(image_dir)
         path = image_dir / IMAGE_NAME
         machine = cls(image_dir, boot_id, kexec_count, policy)
+        machine.on_progress = on_progress
         if not path.exists():
             return machine
         try:
@@ -655,6 +718,8 @@ class LiveUpdate:
             aside = path.with_name(f"{IMAGE_NAME}.damaged-{int(time.time())}-{uuid.uuid4().hex[:8]}")
             os.rename(path, aside)
             machine.last_error = f"recovery: {exc}; kept aside as {aside.name}"
+            machine.recovery_failures += 1
+            machine.progress = ""
             machine.instances.clear()
             machine.by_ino.clear()
             machine.state = State.NORMAL
@@ -676,9 +741,11 @@ class LiveUpdate:
                                 incoming=True)
                 self.instances[inst.name] = self.by_ino[inst.ino] = inst
                 self.next_ino = max(self.next_ino, inst.ino + INO_STRIDE)
+            self.next_ino = max(self.next_ino, image.writer.get("next_instance_ino", 0))  # checked by the reader
             total = sum(e[1] for f in image.files for e in f.get("extents", []))
             done = 0
             report = self._progress("recovery")
+            report(0, total)  # at once: a service manager hears that a long start has begun
             for rec in image.files:
                 inst = self.instances.get(rec["instance"])
                 kind = KINDS.get(rec["kind"])
@@ -706,6 +773,11 @@ class LiveUpdate:
             image.close()
         self.state = State.UPDATED
         self.last_image = path
+        self.last_recovery_seconds = time.monotonic() - started
+        # Only a date the wall clock has passed (a clock set back, or a damaged value: unknown).
+        freeze_started, now = image.writer.get("freeze_started"), time.time()
+        if isinstance(freeze_started, float) and math.isfinite(freeze_started) and now >= freeze_started:
+            self.last_blackout_seconds = now - freeze_started
         self.progress = ""
         log.info("recovered %s: %d instance(s), %d file(s), %d bytes of contents in %.3f s; state updated",
                  path, len(self.instances), sum(len(i.files) for i in self.instances.values()), total,
@@ -762,6 +834,7 @@ class _about:
 
     def __init__(self, inst: Instance, pf: PreservedFile, phase: str) -> None:
         self.where = f"{phase}: instance {inst.name!r} token {pf.token}"
+        self.fields = {"INSTANCE": inst.name, "TOKEN": pf.token}  # for the log line of the failed event
         # The whole update waits for this one file: say how the operator lets it go on.
         self.remedy = f"; to drop just this file: echo {pf.token} > {inst.name}/fd_unpreserve"
 
@@ -772,7 +845,9 @@ class _about:
         answer = refusal(exc) if exc is not None else None
         if answer is not None:
             text = answer.message if isinstance(exc, KexecfsError) else (exc.strerror or str(exc))  # type: ignore[union-attr]
-            raise KexecfsError(answer.errno, f"{self.where}: {text}{self.remedy}") from None
+            error = KexecfsError(answer.errno, f"{self.where}: {text}{self.remedy}")
+            error.fields = self.fields  # type: ignore[attr-defined]
+            raise error from None
         return False
 
 

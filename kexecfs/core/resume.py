@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,13 @@ class Resumed:
         self.stale = stale  # store names of files the resumed machine no longer has
 
 
-def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: Policy) -> Resumed:
-    """The journal's machine; takes the descriptors it uses out of ``held``."""
+def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: Policy,
+           on_progress: Callable[[str], None] | None = None) -> Resumed:
+    """The journal's machine; takes the descriptors it uses out of ``held``. ``on_progress``
+    hears how a prepare made again, or the recovery of an interrupted kexec, goes."""
     remove_unfinished_images(image_dir)
     m, fields = LiveUpdate(image_dir, state.machine["boot_id"], state.machine["kexec_count"], policy), state.machine
+    m.on_progress = on_progress
     m.state = State[fields["state"].upper()]
     m.last_image = Path(fields["last_image"]) if fields.get("last_image") else None
     m.last_error = fields.get("last_error") or ""
@@ -150,7 +154,8 @@ def _next_boot(m: LiveUpdate) -> LiveUpdate:
     """Complete an interrupted simulated kexec: the next boot's machine, from the image."""
     for inst in m.instances.values():
         inst.drop_files()
-    nxt = LiveUpdate.boot(m.image_dir, boot_id=str(uuid.uuid4()), kexec_count=m.kexec_count + 1, policy=m.policy)
+    nxt = LiveUpdate.boot(m.image_dir, boot_id=str(uuid.uuid4()), kexec_count=m.kexec_count + 1, policy=m.policy,
+                          on_progress=m.on_progress)
     nxt.carry_file_inos(m)
     return nxt
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .. import abi
 from ..core.errors import KexecfsError, fail, refusal
@@ -22,12 +21,11 @@ from . import sessions
 from .nodes import Scope
 from .operations import note_request
 
-if TYPE_CHECKING:
-    from .operations import KexecfsOperations
+from .operations import KexecfsOperations
 
 log = logging.getLogger("kexecfs.fs")
 
-IoctlHandler = Callable[["KexecfsOperations", "Instance | None", Caller, bytes], bytes]
+IoctlHandler = Callable[[KexecfsOperations, "Instance | None", Caller, bytes], bytes]
 
 
 def _target(fs: KexecfsOperations, inst: Instance | None, caller: Caller) -> Instance:

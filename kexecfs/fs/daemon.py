@@ -4,13 +4,13 @@ serve until unmounted or told to stop, and tell systemd when it is ready.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import logging.handlers
 import os
 import resource
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +24,10 @@ from . import control, fdstore, restart, sessions  # noqa: E402
 from .operations import KexecfsOperations  # noqa: E402
 from ..core.machine import Policy  # noqa: E402
 from ..defaults import DEFAULT_IMAGE_DIR  # noqa: E402
+from ..systemd import (JOURNAL_SOCKET, JournalHandler, ServiceProgress, journal_stream_is_stderr,  # noqa: E402
+                       sd_notify)
 
 log = logging.getLogger("kexecfs.daemon")
-
 
 
 @dataclass
@@ -39,35 +40,54 @@ class MountOptions:
     fuse_options: tuple[str, ...] = ()
 
 
-def setup_logging(debug: bool, log_file: Path | None = None, background: bool = False) -> None:
-    """One line per event: on stderr (journald adds timestamps), a file, or syslog when
-    the daemon goes to the background (its stderr is then /dev/null)."""
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    handler: logging.Handler
+def _log_handler(target: str, log_file: Path | None, background: bool) -> logging.Handler | None:
+    """Where the daemon logs. ``auto``: the --log-file if given; the journal (its native
+    protocol, so that entries carry INSTANCE=, TOKEN=, EVENT=) when systemd connected
+    stderr to it or, in the background, whenever journald runs; otherwise syslog in the
+    background and stderr in the foreground. None: nowhere to log once in the background."""
     if log_file:
-        handler = logging.FileHandler(log_file)
-    elif background and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
+        return logging.FileHandler(log_file)
+    if target == "auto":
+        journal = os.path.exists(JOURNAL_SOCKET)
+        if journal and (background or journal_stream_is_stderr()):
+            target = "journal"
+        elif background:
+            target = "syslog" if os.path.exists("/dev/log") else "none"
+        else:
+            target = "stderr"
+    if target == "journal":
+        if not os.path.exists(JOURNAL_SOCKET):
+            raise SystemExit(f"kexecfs: --log-target journal: no journal listens on {JOURNAL_SOCKET}")
+        return JournalHandler()
+    if target == "syslog":
+        if not os.path.exists("/dev/log"):
+            raise SystemExit("kexecfs: --log-target syslog: no syslog listens on /dev/log")
+        return logging.handlers.SysLogHandler("/dev/log")
+    return logging.StreamHandler(sys.stderr) if target == "stderr" else None
+
+
+def setup_logging(debug: bool, log_file: Path | None = None, background: bool = False,
+                  target: str = "auto") -> None:
+    """One line per event, to the target :func:`_log_handler` picks. In the background
+    the daemon lets go of the caller's stderr once it serves (see :func:`mount`), so a
+    stderr target only carries what happens until then."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler = _log_handler(target, log_file, background)
+    if handler is None:
+        print("kexecfs: no --log-file, journal or syslog: the daemon's log is discarded once it serves "
+              "in the background", file=sys.stderr)
+        handler = logging.NullHandler()
+    if isinstance(handler, logging.handlers.SysLogHandler):
         fmt = "kexecfs[%(process)d]: " + fmt
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    if not os.environ.get("JOURNAL_STREAM") and not isinstance(handler, logging.handlers.SysLogHandler):
-        fmt = "%(asctime)s " + fmt
+    elif type(handler) is logging.FileHandler or (type(handler) is logging.StreamHandler
+                                                   and not journal_stream_is_stderr()):
+        fmt = "%(asctime)s " + fmt  # a file or a terminal; the journal and syslog stamp entries themselves
     handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
     if not debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-def sd_notify(message: str) -> None:
-    """Send a message to systemd's notify socket (Type=notify), without libsystemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    address = "\0" + path[1:] if path.startswith("@") else path
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
 
 
 def raise_descriptor_limit() -> None:
@@ -78,19 +98,25 @@ def raise_descriptor_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
+def serve(opts: MountOptions, ready: Callable[[], None] = lambda: None,
+          progress: ServiceProgress | None = None) -> None:
     """Serve until unmounted or SIGTERM/SIGINT; ``ready`` runs once requests are served.
 
     The connection is the one a previous daemon left in the descriptor store if it is
     alive (see :mod:`.restart`), else a new mount. A signal stops this process only: the
-    connection stays in the store for the next daemon. An unmount ends it all."""
+    connection stays in the store for the next daemon. An unmount ends it all.
+    ``progress`` hears how recovery (before the mount exists) and prepare and freeze go.
+    """
+    progress = progress or ServiceProgress()
     raise_descriptor_limit()
     opts.image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     store = fdstore.open_store(opts.image_dir)
     held = store.retrieve()
     conn = restart.connect(opts.mountpoint, store, held)
-    machine = restart.machine_for(opts.image_dir, opts.policy, store, held, conn)
+    with progress.keepalive():
+        machine = restart.machine_for(opts.image_dir, opts.policy, store, held, conn, on_progress=progress.report)
     fs = KexecfsOperations(machine, passthrough=opts.passthrough, handle_numbers=restart.HandleNumbers(conn.record_fd))
+    progress.idle_status = lambda: f"serving {opts.mountpoint}: state {fs.machine.state.word}"
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
     fuse_options |= {"fsname=kexecfs", "subtype=kexecfs", "allow_other", *opts.fuse_options}
     if opts.debug:
@@ -142,8 +168,9 @@ async def _stop_on_signal(signalled: list[int]) -> None:
 def mount(opts: MountOptions, foreground: bool) -> int:
     """Mount kexecfs; in the background unless ``foreground``, returning once it serves."""
     if foreground:
+        progress = ServiceProgress()
         try:
-            serve(opts, ready=lambda: sd_notify("READY=1\nSTATUS=serving"))
+            serve(opts, ready=lambda: sd_notify(f"READY=1\nSTATUS={progress.idle_status()}"), progress=progress)
         except fdstore.StoreError as exc:
             log.error("%s", exc)
             return 1
@@ -161,15 +188,17 @@ def mount(opts: MountOptions, foreground: bool) -> int:
         return 0 if ok else 1
     os.close(read_end)
     os.setsid()
-    # A daemon keeps no terminal and no caller's pipes open (a caller reading our
-    # stderr to EOF would wait forever); logs went to a file or syslog above.
-    logs_to_stderr = any(type(h) is logging.StreamHandler for h in logging.getLogger().handlers)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1) if logs_to_stderr else (0, 1, 2):
-        os.dup2(devnull, fd)
+    os.chdir("/")  # nor the caller's working directory, which would keep its filesystem busy
+    close_inherited(keep=write_end)
+    # Until the mount serves, what goes wrong also reaches the caller's stderr.
+    startup = logging.StreamHandler(sys.stderr)
+    startup.setLevel(logging.WARNING)
+    startup.setFormatter(logging.Formatter("kexecfs: %(message)s"))
+    if not any(type(h) is logging.StreamHandler for h in logging.getLogger().handlers):
+        logging.getLogger().addHandler(startup)
     code = 1
     try:
-        serve(opts, ready=lambda: os.write(write_end, b"1"))
+        serve(opts, ready=lambda: _detach(write_end, startup))
         code = 0
     except fdstore.StoreError as exc:
         log.error("%s", exc)
@@ -177,3 +206,32 @@ def mount(opts: MountOptions, foreground: bool) -> int:
         log.exception("kexecfs daemon failed")
     finally:
         os._exit(code)
+
+
+def close_inherited(keep: int) -> None:
+    """Close the descriptors beyond 0-2 that the caller let us inherit (a pipe of a script,
+    a shell's ``3>file``): a daemon holding one keeps its reader from ever seeing EOF.
+    Python opens its own descriptors close-on-exec, so exactly the inherited ones lack it."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd == keep:
+            continue
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                os.close(fd)
+        except OSError:
+            pass  # the directory listing's own descriptor, closed meanwhile
+
+
+def _detach(write_end: int, startup: logging.Handler) -> None:
+    """The mount serves: let go of the caller's terminal and pipes, then release the caller.
+
+    In that order: once the parent exits, a caller reading our output to EOF (``out=$(mount
+    ...)``, ``subprocess.run(capture_output=True)``) must not wait for this daemon."""
+    logging.getLogger().removeHandler(startup)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.write(write_end, b"1")
+    os.close(write_end)

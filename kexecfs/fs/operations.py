@@ -517,6 +517,10 @@ class KexecfsOperations(pyfuse3.Operations):
             inst.check_owner(Caller(ctx.pid, ctx.uid, ctx.gid, f"getxattr {key}"), "getxattr")  # type: ignore[union-attr]
             value = pf.kind.name if key.endswith("kind") else pf.record.get(key.rsplit(".", 1)[1], 0)
             return str(value).encode()
+        if pf is not None and key == "user.kexecfs.problem":
+            # What prepare would refuse this file for, asked before the update (kexecfs check).
+            inst.check_owner(Caller(ctx.pid, ctx.uid, ctx.gid, f"getxattr {key}"), "getxattr")  # type: ignore[union-attr]
+            return self.machine.problem(pf).encode()
         raise pyfuse3.FUSEError(errno.ENODATA)
 
 

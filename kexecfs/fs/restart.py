@@ -186,21 +186,22 @@ def clear_dead_mount(mountpoint: Path) -> None:
 
 
 def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: dict[str, int],
-                conn: Connection) -> LiveUpdate:
+                conn: Connection, on_progress: Callable[[str], None] | None = None) -> LiveUpdate:
     """The machine to serve: the journal's, on the adopted connection of the same kernel
     boot, with the descriptors ``held`` gave back; else one booted from the image
     directory (``updated`` if there is an image) as after a kexec. Either way it is then
-    journaled as one snapshot, and stored descriptors it does not use are released."""
+    journaled as one snapshot, and stored descriptors it does not use are released.
+    ``on_progress`` hears how a recovery or a prepare made again goes."""
     kernel = kernel_boot_id()
     machine = None
     if store.kind == "none":
-        machine = LiveUpdate.boot(image_dir, policy=policy)
+        machine = LiveUpdate.boot(image_dir, policy=policy, on_progress=on_progress)
         _release(store, held)
         return machine
     journal = Journal(image_dir, store, kernel)
     state = _journal(image_dir)
     if state is not None and conn.adopted and state.machine.get("kernel_boot_id") == kernel:
-        resumed = resume(image_dir, state, held, policy)
+        resumed = resume(image_dir, state, held, policy, on_progress)
         machine = resumed.machine
         journal.adopt(machine, resumed.names, resumed.next_name, resumed.requests)
         for name in resumed.stale:
@@ -214,7 +215,7 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
         log.warning("the journal of %d instance(s) and %d file(s) is not used: %s; booting from the image directory",
                     len(state.instances), len(state.files), why)
     if machine is None:
-        machine = LiveUpdate.boot(image_dir, policy=policy)
+        machine = LiveUpdate.boot(image_dir, policy=policy, on_progress=on_progress)
     _release(store, held)
     machine.record = journal
     try:

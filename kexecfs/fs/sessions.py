@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import abi
 from ..core.capture import take_descriptor
@@ -29,8 +29,14 @@ from ..core.errors import KexecfsError, fail
 from ..core.instance import Caller, Instance
 from ..core.syscalls import read_memory, write_memory
 
-if TYPE_CHECKING:
-    from .operations import KexecfsOperations
+from ..core.machine import LiveUpdate
+
+
+class Served(Protocol):
+    """What the session commands need of the operations (which import this module)."""
+
+    machine: LiveUpdate
+    pending_sessions: dict[tuple[int, int], Instance]
 
 _TAIL_CHUNK = 1 << 16
 
@@ -73,7 +79,7 @@ def _needs_run(caller: Caller, what: str) -> KexecfsError:
 
 # Each handler: (fs, session instance or None, caller, the struct's values) -> values to write back.
 
-def create_session(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
+def create_session(fs: Served, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
     name = _name(v[2], caller)
     if not run:
         raise _needs_run(caller, "CREATE_SESSION")
@@ -82,7 +88,7 @@ def create_session(fs: KexecfsOperations, inst: Instance | None, caller: Caller,
     return v
 
 
-def retrieve_session(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
+def retrieve_session(fs: Served, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
     name = _name(v[2], caller)
     if not run:
         fs.machine.check_retrievable(name, caller)  # ENOENT and EINVAL as the kernel, then:
@@ -92,13 +98,13 @@ def retrieve_session(fs: KexecfsOperations, inst: Instance | None, caller: Calle
     return v
 
 
-def preserve_fd(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
+def preserve_fd(fs: Served, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
     assert inst is not None
     fs.machine.preserve(inst, caller, v[1], v[2], once=True)
     return v
 
 
-def retrieve_fd(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
+def retrieve_fd(fs: Served, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
     """RUN_RETRIEVE_FD's ``fd`` is a unix socket of the caller's: the restored file itself
     (a new open file of it, with exactly the preserved access, at offset 0) comes back over
     it, as the kernel hands back the memfd and not a stand-in (shared mmap and F_GET_SEALS
@@ -124,7 +130,7 @@ def retrieve_fd(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v:
     return v[0], 0, v[2]
 
 
-def finish(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
+def finish(fs: Served, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
     assert inst is not None
     if v[1]:
         raise fail(errno.EINVAL, f"{caller}: SESSION_FINISH's reserved field must be 0")
@@ -132,7 +138,7 @@ def finish(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tupl
     return v
 
 
-def get_name(fs: KexecfsOperations, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
+def get_name(fs: Served, inst: Instance | None, caller: Caller, v: tuple, run: bool) -> tuple:
     assert inst is not None
     if v[1]:
         raise fail(errno.EINVAL, f"{caller}: SESSION_GET_NAME's reserved field must be 0")
@@ -150,7 +156,7 @@ HANDLERS = {
 _RUN_NUMBERS = frozenset({abi.RUN_CREATE_SESSION, abi.RUN_RETRIEVE_SESSION, abi.RUN_RETRIEVE_FD})
 
 
-def handle(fs: KexecfsOperations, cmd: int, inst: Instance | None, caller: Caller, pid: int, arg: int) -> None:
+def handle(fs: Served, cmd: int, inst: Instance | None, caller: Caller, pid: int, arg: int) -> None:
     """One merged-API command on a control file of scope ``inst`` (None: the top level)."""
     command = abi.SESSION_COMMANDS[cmd]
     if command.device != (inst is None) and cmd != abi.RUN_RETRIEVE_FD:

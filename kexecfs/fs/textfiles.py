@@ -41,7 +41,8 @@ def show_status(fs: Served, inst: None) -> str:
     inject("show_status")
     status = fs.machine.status()
     status["restore"] = "passthrough" if fs.passthrough and fusehook.passthrough_available() else "proxy"
-    return "".join(f"{k}: {v}\n" for k, v in status.items())
+    # "key: value" lines; nothing (None) is an empty value, as last_image has always been.
+    return "".join(f"{k}: {'' if v is None else v}\n" for k, v in status.items())
 
 
 def show_preserved(fs: Served, inst: Instance) -> str:

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """One client of the load test: preserves and unpreserves memfds in one instance, racing
 the other clients of that instance for tokens, and keeps a ledger of what it holds.
-Standard library only (runs under the system python as the instance's owner).
+Standard library only, with the harness's payload module and kexecfs.abi (runs under the
+system python as the instance's owner).
 
     load_worker.py INSTANCE_DIR SEED OPS TOKEN_SPACE
 
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import random
-import struct
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
-FD_PRESERVE, FD_UNPRESERVE = 0x4010BA00, 0x4008BA01
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]  # tests/ (payload) and the checkout (kexecfs.abi)
+from kexecfs.abi import FD_PRESERVE, FD_UNPRESERVE, LIVEUPDATE_FD, TOKEN  # noqa: E402
+from payload import digest  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +50,7 @@ def main() -> None:
                     finally:
                         os.close(fd)
                 else:
-                    fcntl.ioctl(control, FD_UNPRESERVE, bytearray(struct.pack("=Q", token)))
+                    fcntl.ioctl(control, FD_UNPRESERVE, bytearray(TOKEN.pack(token)))
             except OSError as exc:
                 counts[f"unpreserve:{errno.errorcode.get(exc.errno or 0)}"] += 1
                 if exc.errno != errno.EBUSY:
@@ -68,6 +71,7 @@ def main() -> None:
             data = rng.randbytes(rng.choice([1, 100, 4096, 5000, 65536, rng.randrange(1, 200_000)]))
             m = os.memfd_create(f"load-{seed}-{token}", os.MFD_CLOEXEC)
             os.write(m, data)
+            sha256 = digest(m)
             try:
                 if rng.random() < 0.5:
                     fd = os.open(f"{inst}/fd_preserve", os.O_WRONLY | os.O_CLOEXEC)
@@ -76,7 +80,7 @@ def main() -> None:
                     finally:
                         os.close(fd)
                 else:
-                    fcntl.ioctl(control, FD_PRESERVE, bytearray(struct.pack("=iIQ", m, 0, token)))
+                    fcntl.ioctl(control, FD_PRESERVE, bytearray(LIVEUPDATE_FD.pack(m, 0, token)))
             except OSError as exc:
                 counts[f"preserve:{errno.errorcode.get(exc.errno or 0)}"] += 1
                 if exc.errno not in (errno.EBUSY, errno.EEXIST):
@@ -88,7 +92,7 @@ def main() -> None:
                 os.close(m)  # the daemon holds its own reference now
             if token in held:
                 sys.exit(f"{inst}: preserved token {token} twice")
-            held[token] = hashlib.sha256(data).hexdigest()
+            held[token] = sha256
             counts["preserve:ok"] += 1
         done += 1
     os.close(control)

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Runs a list of filesystem operations as whoever starts it (setpriv, unshare) and
 prints, as JSON, what each one answered: "ok" or the errno's name. Standard library
-only: it runs under the system python as any uid, inside any namespace.
+only (and kexecfs.abi, which is): it runs under the system python as any uid, inside any
+namespace.
 
     perm_agent.py '[["id", "op", "path", args...], ...]'
 """
@@ -12,10 +13,12 @@ import errno
 import fcntl
 import json
 import os
-import struct
 import sys
+from pathlib import Path
 
-FD_PRESERVE, FD_UNPRESERVE, FD_RESTORE, GET_STATE, PREPARE = 0x4010BA00, 0x4008BA01, 0xC010BA02, 0x8004BA03, 0xBA04
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout (or its public copy)
+from kexecfs.abi import (FD_PRESERVE, FD_RESTORE, FD_UNPRESERVE, GET_STATE, LIVEUPDATE_FD, PREPARE,  # noqa: E402
+                         STATE, TOKEN)
 
 
 def _memfd() -> int:
@@ -54,13 +57,13 @@ def run(op: str, path: str, *args: object) -> str | None:
         finally:
             os.close(fd)
     elif op == "ioctl_preserve":
-        _ioctl(path, FD_PRESERVE, struct.pack("=iIQ", _memfd(), 0, int(args[0])))  # type: ignore[call-overload]
+        _ioctl(path, FD_PRESERVE, LIVEUPDATE_FD.pack(_memfd(), 0, int(args[0])))  # type: ignore[call-overload]
     elif op == "ioctl_unpreserve":
-        _ioctl(path, FD_UNPRESERVE, struct.pack("=Q", int(args[0])))  # type: ignore[call-overload]
+        _ioctl(path, FD_UNPRESERVE, TOKEN.pack(int(args[0])))  # type: ignore[call-overload]
     elif op == "ioctl_restore":
-        _ioctl(path, FD_RESTORE, struct.pack("=iIQ", -1, 0, int(args[0])))  # type: ignore[call-overload]
+        _ioctl(path, FD_RESTORE, LIVEUPDATE_FD.pack(-1, 0, int(args[0])))  # type: ignore[call-overload]
     elif op == "ioctl_get_state":
-        _ioctl(path, GET_STATE, bytes(4))
+        _ioctl(path, GET_STATE, bytes(STATE.size))
     elif op == "ioctl_prepare":
         _ioctl(path, PREPARE)
     elif op == "open":

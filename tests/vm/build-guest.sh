@@ -7,6 +7,10 @@
 #   root.ext4   debootstrap minbase + python3, kexec-tools, fuse3, kmod, e2fsprogs,
 #               util-linux + host-built cp311 wheels of kexecfs and its dependencies
 #               + the guest scripts of tests/vm/guest
+#   root-systemd.ext4   (KXVM_SYSTEMD=1, for the systemd variant) debootstrap minbase +
+#               systemd, udev and what `make install` needs; kexecfs installed in it by
+#               `make install` (chroot, no network: pip takes the host-built wheels), its
+#               units enabled, and the test's own unit (guest/kxvm-systemd.service)
 #
 # Every layer is cached behind a stamp that holds a sha256 of its inputs (including the
 # text of the shell function that builds it), so an unchanged layer costs nothing and
@@ -18,6 +22,8 @@
 #        KXVM_KVER=6.1.0-N-amd64              (default: what linux-image-amd64 depends on)
 #        KXVM_MIRROR=http://deb.debian.org/debian
 #        KXVM_WITH_PROJECT=0                  (guest without kexecfs: for run-kexec.py --standin)
+#        KXVM_SYSTEMD=1                       (also root-systemd.ext4, for --variant systemd)
+#        KXVM_LAYERS=kernel                   (stop after the kernel and busybox: tests/vm/tiny)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -30,6 +36,10 @@ GUEST_PY=3.11                   # bookworm's python3; wheels must be cp311
 BASE_PACKAGES=python3,kexec-tools,fuse3,kmod,e2fsprogs,util-linux
 # Modules the stub needs to reach the root disk; the others (fuse, pmem, rng) are
 # loaded by kxvm-init with the guest's own modprobe from the same mini module tree.
+# The systemd guest: systemd as PID 1, and exactly what the Makefile's install target
+# checks for (APT_PACKAGES: with all of them present it installs no package) plus make,
+# and libselinux1-dev, which debootstrap does not find for libfuse3-dev (a virtual name).
+SYSTEMD_PACKAGES=python3,python3-venv,python3-dev,gcc,make,pkg-config,libfuse3-dev,libselinux1-dev,fuse3,util-linux,systemd,systemd-sysv,udev,man-db,kexec-tools,kmod,e2fsprogs
 STUB_MODULES="virtio_pci virtio_blk ext4"
 ROOT_MODULES="$STUB_MODULES fuse nd_e820 nd_pmem virtio-rng"
 
@@ -162,6 +172,18 @@ build_base() {
     echo kxvm > "$b/tree/etc/hostname"
 }
 
+build_sysbase() {
+    # The systemd guest's tree (~3 min): rebuilt only when its package list or this function change.
+    local b=$OUT/sysbase
+    rm -rf "$b" && mkdir -p "$b" "$CACHE/debootstrap"
+    debootstrap --variant=minbase --include="$SYSTEMD_PACKAGES" --cache-dir="$CACHE/debootstrap" \
+        "$SUITE" "$b/tree" "$MIRROR" > "$b/debootstrap.log" 2>&1 \
+        || { tail -30 "$b/debootstrap.log" >&2; die "debootstrap of the systemd guest failed (log: $b/debootstrap.log)"; }
+    rm -rf "$b/tree/usr/share/doc" "$b/tree/usr/share/info" "$b/tree/usr/share/locale" \
+        "$b/tree/var/cache/apt"/*.bin "$b/tree/var/cache/apt/archives"/*.deb "$b/tree/var/lib/apt/lists"/*_Packages
+    echo kxvm > "$b/tree/etc/hostname"
+}
+
 # ---------------------------------------------------------------- wheels
 deps_of_project() {
     # The runtime requirements of kexecfs, from pyproject.toml (one per line).
@@ -185,6 +207,15 @@ project_files() {
     # not the tests, benchmarks and CI (so editing a unit test doesn't rebuild the guest).
     git -C "$REPO" ls-files -co --exclude-standard -- . ':!tests' ':!bench' ':!.ci' \
         | while IFS= read -r f; do [ -f "$REPO/$f" ] && printf '%s\n' "$f"; done | LC_ALL=C sort
+}
+
+build_tool_wheels() {
+    # What pip's isolated build of kexecfs needs (pyproject's build-system), for `make
+    # install` in the guest tree, which has no network.
+    local py=$1 w=$OUT/wheels/build
+    rm -rf "$w" && mkdir -p "$w"
+    "$py" -m pip download -q --only-binary :all: --dest "$w" "setuptools>=64" wheel > "$OUT/wheels/build.log" 2>&1 \
+        || { tail -20 "$OUT/wheels/build.log" >&2; die "downloading setuptools and wheel failed"; }
 }
 
 build_project_wheel() {
@@ -256,6 +287,55 @@ build_root() {
     rm -rf "$r"
 }
 
+in_tree() {  # in_tree TREE CMD...: run CMD chrooted in TREE, with /proc and /dev
+    local t=$1; shift
+    mount -t proc proc "$t/proc" && mount --bind /dev "$t/dev" || die "cannot mount /proc and /dev in $t"
+    local rc=0
+    chroot "$t" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+        LANG=C.UTF-8 PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels "$@" || rc=$?
+    umount "$t/dev" "$t/proc"
+    return $rc
+}
+
+build_sysroot() {
+    # kexecfs installed the way the README says, `make install`, run in the guest's own
+    # tree from the same snapshot of the sources as the wheel; then the operator's part:
+    # enable kexecfs.service, kexecfs-freeze.service and the example service.
+    local kver=$1 r=$OUT/sysroot t
+    rm -rf "$r" && mkdir -p "$r"
+    cp -a "$OUT/sysbase/tree" "$r/tree"
+    t=$r/tree
+    mkdir -p "$t/boot" "$t/usr/lib/modules" "$t/usr/local/lib/kxvm" "$t/tmp/wheels" "$t/var/log/journal"
+    cp "$OUT/kernel/vmlinuz" "$t/boot/vmlinuz"
+    cp "$OUT/stub.img" "$t/boot/stub.img"
+    cp -a "$OUT/kernel/mods/lib/modules/$kver" "$t/usr/lib/modules/"
+    cp -a "$OUT/src" "$t/tmp/kexecfs"
+    cp "$OUT"/wheels/deps/*.whl "$OUT"/wheels/build/*.whl "$t/tmp/wheels/"
+    in_tree "$t" make -C /tmp/kexecfs install > "$r/make-install.log" 2>&1 \
+        || { tail -30 "$r/make-install.log" >&2; die "make install in the systemd guest failed (log: $r/make-install.log)"; }
+    install -m 644 "$HERE/guest/kxvm-systemd.service" "$t/etc/systemd/system/"
+    install -m 755 "$HERE/guest/kxvm-systemd-stage" "$t/usr/local/lib/kxvm/"
+    # Not a first boot (systemd-firstboot would prompt on the console): a machine id, and
+    # the example service's user made as systemd-sysusers would at boot.
+    in_tree "$t" systemd-machine-id-setup >/dev/null
+    in_tree "$t" systemd-sysusers >/dev/null
+    in_tree "$t" systemctl enable kexecfs.service kexecfs-freeze.service kexecfs-example.service \
+        kxvm-systemd.service >/dev/null 2>&1 || die "systemctl enable in the systemd guest failed"
+    # Quiet and quick under TCG: no login prompts, no maintenance timers.
+    in_tree "$t" systemctl mask serial-getty@ttyS0.service getty@tty1.service apt-daily.timer \
+        apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer >/dev/null 2>&1 || true
+    # Debian's kexec-tools would load /vmlinuz itself at shutdown (kexec-load.service).
+    echo 'LOAD_KEXEC=false' > "$t/etc/default/kexec"
+    rm -rf "$t/tmp/kexecfs" "$t/tmp/wheels"
+    local mb; mb=$(du -sm "$t" | cut -f1)
+    rm -f "$OUT/root-systemd.ext4.tmp"
+    # Writable at run time (qemu snapshot=on: the changes live as long as the qemu process,
+    # across the kexec, and never reach this file); room for the journal and the image.
+    mkfs.ext4 -q -F -L kxvm-root -E root_owner=0:0 -d "$t" "$OUT/root-systemd.ext4.tmp" "$((mb * 12 / 10 + 256))M" >/dev/null
+    mv "$OUT/root-systemd.ext4.tmp" "$OUT/root-systemd.ext4"
+    rm -rf "$r/tree"
+}
+
 # ---------------------------------------------------------------- main
 T0=$SECONDS
 ensure_host_packages
@@ -277,6 +357,11 @@ h=$( { echo "$H_KERNEL"; sha256sum < "$BBDEB"; cat "$HERE/guest/stub-init"; decl
 if ! stamp_ok stub "$h"; then log "stub initramfs: building"; build_stub "$BBDEB" "$KVER"; stamp_set stub "$h"; fi
 H_STUB=$h
 cp "$OUT/kernel/vmlinuz" "$OUT/vmlinuz"
+# KXVM_LAYERS=kernel: the kernel and busybox only, for guests without a root image
+# (tests/vm/tiny/build.sh: the kexecfs vm tests and bench).
+if [ "${KXVM_LAYERS:-all}" = kernel ]; then
+    echo "$KVER" > "$OUT/kver"; log "kernel $KVER and busybox ready (KXVM_LAYERS=kernel)"; exit 0
+fi
 
 h=$( { echo "$SUITE $MIRROR $BASE_PACKAGES"; declare -f build_base; } | sha)
 if ! stamp_ok base "$h" || [ ! -d "$OUT/base/tree" ]; then
@@ -297,7 +382,7 @@ if [ "$WITH_PROJECT" = 1 ]; then
 
     h=$( { echo "$PYB"; cd "$REPO" && project_files | while IFS= read -r f; do echo "$f"; sha256sum < "$f"; done
            declare -f project_files build_project_wheel; } | sha)
-    if ! stamp_ok proj "$h" || ! ls "$OUT"/wheels/proj/*.whl >/dev/null 2>&1; then
+    if ! stamp_ok proj "$h" || ! ls "$OUT"/wheels/proj/*.whl >/dev/null 2>&1 || [ ! -d "$OUT/src" ]; then
         log "kexecfs wheel: building"; build_project_wheel "$PYB"; stamp_set proj "$h"
     fi
     H_PROJ=$h
@@ -319,6 +404,25 @@ H_LUO=$h
 h=$( { echo "$H_STUB $H_BASE $H_DEPS $H_PROJ $H_LUO"; cat "$HERE"/guest/*; declare -f build_root install_wheels; } | sha)
 if ! stamp_ok root "$h" || [ ! -f "$OUT/root.ext4" ]; then
     log "root.ext4: building"; build_root "$PYB" "$KVER"; stamp_set root "$h"
+fi
+
+if [ "${KXVM_SYSTEMD:-0}" = 1 ]; then
+    [ "$WITH_PROJECT" = 1 ] || die "the systemd guest needs the project (KXVM_WITH_PROJECT=1)"
+    h=$( { echo "$SUITE $MIRROR $SYSTEMD_PACKAGES"; declare -f build_sysbase; } | sha)
+    if ! stamp_ok sysbase "$h" || [ ! -d "$OUT/sysbase/tree" ]; then
+        log "debootstrap $SUITE minbase with systemd: building (a few minutes)"; build_sysbase; stamp_set sysbase "$h"
+    fi
+    H_SYSBASE=$h
+    h=$( { echo "$PYB"; declare -f build_tool_wheels; } | sha)
+    if ! stamp_ok tools "$h" || ! ls "$OUT"/wheels/build/*.whl >/dev/null 2>&1; then
+        log "setuptools and wheel for make install: downloading"; build_tool_wheels "$PYB"; stamp_set tools "$h"
+    fi
+    H_TOOLS=$h
+    h=$( { echo "$H_STUB $H_SYSBASE $H_DEPS $H_PROJ $H_TOOLS"; cat "$HERE"/guest/kxvm-systemd*
+           declare -f build_sysroot in_tree; } | sha)
+    if ! stamp_ok sysroot "$h" || [ ! -f "$OUT/root-systemd.ext4" ]; then
+        log "root-systemd.ext4: make install in the guest tree"; build_sysroot "$KVER"; stamp_set sysroot "$h"
+    fi
 fi
 echo "$KVER" > "$OUT/kver"
 log "guest ready in $((SECONDS - T0)) s: kernel $KVER, $(du -h "$OUT/root.ext4" | cut -f1) root.ext4 (build/vm)"

@@ -1,8 +1,9 @@
 # Real-kexec test in qemu (tests/vm/README.md). Included from the top Makefile.
 #
-#   make test-kexec            build/reuse the guest (build/vm/), then three runs:
+#   make test-kexec            build/reuse the guests (build/vm/), then four runs:
 #                              disk must PASS, tmpfs must FAIL (negative control),
-#                              pmem must PASS. Needs root; installs its host packages.
+#                              pmem must PASS, systemd (PID 1, make install, a real
+#                              systemctl kexec) must PASS. Needs root; installs its host packages.
 #   make test-kexec-standin    the same VM plumbing without kexecfs (harness self-test)
 #   make test-kexec KXVM_ARGS="--variant disk -v"    one run, whole serial console
 #

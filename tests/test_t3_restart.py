@@ -1,0 +1,334 @@
+"""Daemon restarts nobody notices (SPEC section 10): the FUSE connection outlives the
+daemon in the keeper, and a restarted daemon serves that very connection.
+
+A container (``unshare --mount --pid``) holds a bind mount made before the daemon dies;
+after the restart it must serve again, and a request made or read while no daemon ran
+must be answered by the next one, never with ENOTCONN.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import ROOT, WAIT_THEN_CREATE, Daemon, is_mounted, needs_fuse
+
+pytestmark = needs_fuse
+
+
+HELD = range(3, 11)  # descriptors the container's shell holds open on request ("hold", "drop")
+
+
+class Container:
+    """A process in its own mount and pid namespaces that bind-mounted the kexecfs mount
+    (and dropped the original from its namespace), then reads files there on request."""
+
+    def __init__(self, mnt: Path, bind: Path) -> None:
+        bind.mkdir()
+        held = " ".join(f"{fd}<{bind}/{'state' if fd % 2 else 'status'}" for fd in HELD)
+        closed = " ".join(f"{fd}<&-" for fd in HELD)
+        script = (f"mount --bind {mnt} {bind} && umount -l {mnt} && echo ready && "
+                  f"while read -r f; do case $f in hold) exec {held};; drop) exec {closed};; "
+                  f"*) cat {bind}/$f 2>&1 || echo \"failed $?\";; esac; echo .; done")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+                                      "bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.read_line() == "ready"
+
+    def read_line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().rstrip("\n")
+
+    def ask(self, name: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> str:
+        lines = []
+        while (line := self.read_line()) != ".":
+            lines.append(line)
+        return "\n".join(lines)
+
+    def cat(self, name: str) -> str:
+        self.ask(name)
+        return self.answer()
+
+    def close(self) -> None:
+        """The container ends, and its bind mount (which kept the mount's superblock) with it."""
+        if self.proc.poll() is None:
+            self.proc.kill()  # --kill-child: its pid 1 goes too
+            self.proc.wait()
+
+
+@pytest.fixture
+def container(daemon: Daemon, tmp_path: Path) -> Iterator[Container]:
+    c = Container(daemon.mountpoint, tmp_path / "bind")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def keeper_pids(image_dir: Path) -> list[int]:
+    """The keepers holding the connection of ``image_dir``'s mount."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kexecfs.fs.keeper" in cmdline and str(image_dir / "keeper.sock").encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_bind_mount_serves_again_after_kill_9(daemon: Daemon, container: Container) -> None:
+    assert container.cat("state") == "normal"
+    daemon.kill()
+    container.ask("state")  # waits while no daemon runs: no ENOTCONN
+    time.sleep(0.3)
+    daemon.start()
+    assert container.answer() == "normal"
+    assert container.cat("status").startswith("state: normal")
+    assert "adopted the FUSE connection" in daemon.log_text()
+    assert "answers FUSE_INIT differently" not in daemon.log_text(), "the replayed INIT got another reply"
+
+
+def test_files_the_old_daemon_opened_do_not_take_the_new_daemons_handles(daemon: Daemon,
+                                                                        container: Container) -> None:
+    """The kernel keeps sending an open file's handle number to the daemon that serves it
+    next; the restarted daemon must not give a number of those to an open of its own, or
+    the old file's release would close the new one."""
+    container.cat("hold")
+    daemon.kill()
+    daemon.start()
+    mine = [open(daemon.mountpoint / name) for name in ("state", "status") * 4]
+    try:
+        container.cat("drop")  # the old files' releases reach the new daemon
+        for f in mine:
+            assert f.read().split(maxsplit=1)[0] in ("normal", "state:"), f
+    finally:
+        for f in mine:
+            f.close()
+
+
+def test_the_daemon_that_mounted_is_not_the_one_that_unmounts(daemon: Daemon, container: Container) -> None:
+    """Three restarts in a row, then an unmount by the third daemon ends the keeper too."""
+    for _ in range(3):
+        daemon.kill()
+        daemon.start()
+        assert container.cat("state") == "normal"
+    assert len(keeper_pids(daemon.image_dir)) == 1
+    container.close()
+    daemon.stop()
+    deadline = time.monotonic() + 10
+    while keeper_pids(daemon.image_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not keeper_pids(daemon.image_dir), "the keeper outlived the unmount"
+    assert not (daemon.image_dir / "keeper.sock").exists()
+
+
+def test_sigterm_stops_the_daemon_and_keeps_the_mount(daemon: Daemon, container: Container) -> None:
+    """systemctl restart and an upgrade stop the daemon with SIGTERM: the mount stays."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+    assert is_mounted(daemon.mountpoint)
+    daemon.start()
+    assert container.cat("state") == "normal"
+
+
+def test_a_request_the_dead_daemon_had_read_is_answered_by_the_next(tmp_path: Path) -> None:
+    """The daemon dies while serving a read (it had taken the request from the kernel): the
+    kernel resends it to the restarted daemon (FUSE_NOTIFY_RESEND), and the caller gets
+    an answer instead of waiting forever."""
+    d = Daemon(tmp_path / "mnt", tmp_path / "images", tmp_path / "daemon.log")
+    d.mountpoint.mkdir()
+    d.start("show_status=kill")  # harness: faults are armed per start
+    connection = connection_id(d.mountpoint)
+    outcome: list[str] = []
+    reader = threading.Thread(target=lambda: outcome.append(_read_or_errno(d.mountpoint / "status")), daemon=True)
+    try:
+        reader.start()
+        assert d.proc is not None and d.proc.wait(15) == -signal.SIGKILL, "the daemon did not die in the read"
+        d.start()
+        reader.join(20)
+        assert not reader.is_alive(), "the read the dead daemon had taken was never answered"
+        assert outcome and "ENOTCONN" not in outcome[0], outcome
+    finally:
+        if reader.is_alive():
+            abort_connection(connection)  # else the stuck reader keeps the mount alive for ever
+        d.stop()
+
+
+def connection_id(mnt: Path) -> str:
+    """The FUSE connection number of the mount at ``mnt`` (its device's minor number)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mnt):
+            return fields[2].split(":")[1]
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+def abort_connection(connection: str) -> None:
+    """End a connection whose requests nobody will answer (fusectl's abort)."""
+    control = Path("/sys/fs/fuse/connections")
+    if not (control / connection).exists():
+        subprocess.run(["mount", "-t", "fusectl", "none", str(control)], capture_output=True)
+    (control / connection / "abort").write_text("1")
+
+
+def _read_or_errno(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        return f"errno {exc.errno}: {os.strerror(exc.errno or 0)}"
+
+
+def test_a_restored_file_open_across_a_restart_opens_again(daemon: Daemon) -> None:
+    """FUSE passthrough: the kernel serves an open fds/<token> itself, from a backing
+    registration of the connection, and refuses (EIO) an open of the same inode with
+    another one. The restarted daemon reuses the registrations of the previous one."""
+    mnt = daemon.mountpoint
+    (mnt / "svc").mkdir()
+    memfd = os.memfd_create("ram")
+    os.write(memfd, b"before the restart".ljust(8192, b"."))
+    (mnt / "svc" / "fd_preserve").write_text(f"{memfd} 7")
+    for event in ("prepare", "kexec"):
+        (mnt / "state").write_text(event)
+    if "restore: passthrough" not in (mnt / "status").read_text():
+        pytest.skip("FUSE passthrough is not available on this kernel (Linux >= 6.9 and CAP_SYS_ADMIN)")
+    old = os.open(mnt / "svc" / "fds" / "7", os.O_RDWR)
+    try:
+        daemon.kill()
+        daemon.start()
+        new = os.open(mnt / "svc" / "fds" / "7", os.O_RDWR)  # EIO with another registration
+        try:
+            os.pwrite(new, b"after", 0)
+            assert os.pread(old, 18, 0) == b"aftere the restart", "the two opens are not the same file"
+        finally:
+            os.close(new)
+    finally:
+        os.close(old)
+        os.close(memfd)
+
+
+def test_a_program_under_kexecfs_run_does_not_notice_a_restart(daemon: Daemon, tmp_path: Path) -> None:
+    """Its /dev/liveupdate (the top-level control) and the launcher's forwarding were
+    opened before the daemon died; the CREATE_SESSION it makes after is served."""
+    go = tmp_path / "go"
+    program = tmp_path / "wait_then_create.py"
+    program.write_text(WAIT_THEN_CREATE)
+    launcher = subprocess.Popen([sys.executable, "-m", "kexecfs", "--mount", str(daemon.mountpoint), "run", "--",
+                                 sys.executable, str(program), str(go)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert launcher.stdout is not None
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        daemon.kill()
+        daemon.start()
+        go.touch()
+        assert launcher.stdout.readline().split() == ["answer", "ok"]
+        assert (daemon.mountpoint / "late").is_dir()
+    finally:
+        launcher.kill()
+        launcher.wait()
+        subprocess.run(["pkill", "-KILL", "-f", str(program)], capture_output=True)  # it holds the mount
+
+
+def test_a_service_asleep_in_poll_across_a_restart_wakes_for_the_next_transition(daemon: Daemon) -> None:
+    """The restarted daemon wakes the previous one's pollers once (they poll again on it),
+    so a service waiting for the state to change does not sleep through the change."""
+    import select
+
+    mnt = daemon.mountpoint
+    (mnt / "svc").mkdir()
+    seen: list[str] = []
+
+    def wait_for_prepared() -> None:
+        fd = os.open(mnt / "svc" / "state", os.O_RDONLY)
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            while (word := os.pread(fd, 64, 0).decode().strip()) != "prepared":
+                seen.append(word)
+                poller.poll()
+            seen.append(word)
+        finally:
+            os.close(fd)
+
+    sleeper = threading.Thread(target=wait_for_prepared, daemon=True)
+    sleeper.start()
+    time.sleep(0.5)  # asleep in poll() on the first daemon
+    daemon.kill()
+    daemon.start()
+    (mnt / "state").write_text("prepare")
+    sleeper.join(20)
+    assert not sleeper.is_alive(), f"the poller slept through the transition (saw {seen})"
+    assert seen[-1] == "prepared"
+
+
+def test_dev_liveupdate_held_before_a_restart_stays_exclusive(daemon: Daemon) -> None:
+    control = daemon.mountpoint / "control"
+    holder = os.open(control, os.O_RDWR)
+    try:
+        daemon.kill()
+        daemon.start()
+        with pytest.raises(OSError) as busy:
+            os.close(os.open(control, os.O_RDWR))
+        assert busy.value.errno == errno.EBUSY
+    finally:
+        os.close(holder)
+    deadline = time.monotonic() + 5  # the close reaches the daemon asynchronously (RELEASE)
+    while True:
+        try:
+            os.close(os.open(control, os.O_RDWR))
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the device stayed busy after its holder closed it"
+            time.sleep(0.05)
+
+
+def test_a_second_daemon_for_a_served_mount_refuses_to_start(daemon: Daemon, tmp_path: Path) -> None:
+    """Only one daemon serves a connection: the keeper says who does."""
+    r = subprocess.run([sys.executable, "-m", "kexecfs", "mount", str(daemon.mountpoint), "--image-dir",
+                        str(daemon.image_dir), "--foreground"], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0
+    assert f"another kexecfs daemon (pid {daemon.proc.pid}) serves" in r.stderr, r.stderr  # type: ignore[union-attr]
+    assert "Traceback" not in r.stderr, r.stderr
+    assert (daemon.mountpoint / "state").read_text() == "normal\n"
+
+
+def test_a_killed_keeper_is_replaced_by_the_daemon(daemon: Daemon, container: Container) -> None:
+    """The daemon still holds everything the keeper did: a new keeper gets it all, so the
+    next crash of the daemon loses nothing either."""
+    mnt = daemon.mountpoint
+    (mnt / "svc").mkdir()
+    memfd = os.memfd_create("ram")
+    os.write(memfd, b"kept twice")
+    (mnt / "svc" / "fd_preserve").write_text(f"{memfd} 3")
+    os.close(memfd)
+    [first] = keeper_pids(daemon.image_dir)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not [p for p in keeper_pids(daemon.image_dir) if p != first]:
+        assert time.monotonic() < deadline, "no new keeper"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the new keeper is given everything
+    daemon.kill()
+    daemon.start()
+    assert container.cat("state") == "normal"
+    assert (mnt / "svc" / "fd_preserve").read_text().split()[:2] == ["3", "memfd"]
+    for event in ("prepare", "kexec"):
+        (mnt / "state").write_text(event)
+    assert (mnt / "svc" / "fds" / "3").read_bytes() == b"kept twice"
