@@ -82,9 +82,19 @@ class Manager:
         os.closerange(3 + len(self.store), 65536)
         os.execvpe(self.command[0], self.command, env)
 
+    def drain(self) -> None:
+        """Every notification sent so far, before anything else happens: a command of the
+        test (names) or a start must see the store as the service left it."""
+        while True:
+            try:
+                self.notified()
+            except BlockingIOError:
+                return
+
     def notified(self) -> None:
         fds = array.array("i")
-        msg, anc, _flags, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+        msg, anc, _flags, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * fds.itemsize),
+                                                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
@@ -122,6 +132,7 @@ class Manager:
         self.say(f"exited {pid} {code}")
         self.pid = 0
         if code != 0 and self.restart_on_failure:
+            self.drain()  # what it sent before it died
             self.start()
 
     def stop(self) -> None:
@@ -130,6 +141,7 @@ class Manager:
             _, status = os.waitpid(self.pid, 0)
             self.say(f"exited {self.pid} {os.waitstatus_to_exitcode(status)}")
             self.pid = 0
+            self.drain()  # what it sent while stopping
 
     def command_line(self, line: str) -> None:
         verb, *rest = line.split()
@@ -149,16 +161,19 @@ class Manager:
 
     def run(self) -> None:
         self.start()
-        while True:
+        pending, ended = b"", False  # stdin read unbuffered: select() must see every line
+        while not ended:
             ready, _, _ = select.select([self.sock, sys.stdin], [], [], 0.05)
-            if self.sock in ready:
-                self.notified()
+            self.drain()
             if sys.stdin in ready:
-                line = sys.stdin.readline()
-                if not line:
-                    break
+                chunk = os.read(sys.stdin.fileno(), 65536)
+                ended = not chunk
+                pending += chunk
+            while b"\n" in pending or (ended and pending):
+                line, _, pending = pending.partition(b"\n")
                 if line.strip():
-                    self.command_line(line)
+                    self.command_line(line.decode())
+                self.drain()
             self.drop_hung_up()
             self.reap()
         self.restart_on_failure = False
