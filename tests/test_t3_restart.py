@@ -15,12 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import ROOT, WAIT_THEN_CREATE, Daemon, is_mounted, needs_fuse
+from harness import (ROOT, WAIT_THEN_CREATE, Daemon, abort_connection, fuse_connection, is_mounted, needs_fuse,
+                     waiting_requests)
 
 pytestmark = needs_fuse
 
@@ -79,6 +80,14 @@ def container(daemon: Daemon, tmp_path: Path) -> Iterator[Container]:
         c.close()
 
 
+def until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
+    """Wait for ``condition`` (polled), failing with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
 def keeper_pids(image_dir: Path) -> list[int]:
     """The keepers holding the connection of ``image_dir``'s mount."""
     pids = []
@@ -94,9 +103,11 @@ def keeper_pids(image_dir: Path) -> list[int]:
 
 def test_a_bind_mount_serves_again_after_kill_9(daemon: Daemon, container: Container) -> None:
     assert container.cat("state") == "normal"
+    connection = fuse_connection(daemon.mountpoint)
+    assert connection is not None
     daemon.kill()
     container.ask("state")  # waits while no daemon runs: no ENOTCONN
-    time.sleep(0.3)
+    until(lambda: waiting_requests(connection) > 0, "the container's read reached the connection")
     daemon.start()
     assert container.answer() == "normal"
     assert container.cat("status").startswith("state: normal")
@@ -131,10 +142,7 @@ def test_the_daemon_that_mounted_is_not_the_one_that_unmounts(daemon: Daemon, co
     assert len(keeper_pids(daemon.image_dir)) == 1
     container.close()
     daemon.stop()
-    deadline = time.monotonic() + 10
-    while keeper_pids(daemon.image_dir) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not keeper_pids(daemon.image_dir), "the keeper outlived the unmount"
+    until(lambda: not keeper_pids(daemon.image_dir), "the keeper exits after the unmount")
     assert not (daemon.image_dir / "keeper.sock").exists()
 
 
@@ -154,38 +162,22 @@ def test_a_request_the_dead_daemon_had_read_is_answered_by_the_next(tmp_path: Pa
     an answer instead of waiting forever."""
     d = Daemon(tmp_path / "mnt", tmp_path / "images", tmp_path / "daemon.log")
     d.mountpoint.mkdir()
-    d.start("show_status=kill")  # harness: faults are armed per start
-    connection = connection_id(d.mountpoint)
+    d.start("show_status=kill")
+    connection = fuse_connection(d.mountpoint)
+    assert connection is not None
     outcome: list[str] = []
     reader = threading.Thread(target=lambda: outcome.append(_read_or_errno(d.mountpoint / "status")), daemon=True)
     try:
         reader.start()
-        assert d.proc is not None and d.proc.wait(15) == -signal.SIGKILL, "the daemon did not die in the read"
+        d.wait_killed(60)  # in the read
         d.start()
-        reader.join(20)
+        reader.join(60)
         assert not reader.is_alive(), "the read the dead daemon had taken was never answered"
         assert outcome and "ENOTCONN" not in outcome[0], outcome
     finally:
         if reader.is_alive():
             abort_connection(connection)  # else the stuck reader keeps the mount alive for ever
         d.stop()
-
-
-def connection_id(mnt: Path) -> str:
-    """The FUSE connection number of the mount at ``mnt`` (its device's minor number)."""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == str(mnt):
-            return fields[2].split(":")[1]
-    raise AssertionError(f"{mnt} is not mounted")
-
-
-def abort_connection(connection: str) -> None:
-    """End a connection whose requests nobody will answer (fusectl's abort)."""
-    control = Path("/sys/fs/fuse/connections")
-    if not (control / connection).exists():
-        subprocess.run(["mount", "-t", "fusectl", "none", str(control)], capture_output=True)
-    (control / connection / "abort").write_text("1")
 
 
 def _read_or_errno(path: Path) -> str:
@@ -268,11 +260,16 @@ def test_a_service_asleep_in_poll_across_a_restart_wakes_for_the_next_transition
 
     sleeper = threading.Thread(target=wait_for_prepared, daemon=True)
     sleeper.start()
-    time.sleep(0.5)  # asleep in poll() on the first daemon
+    # Asleep in poll() on the first daemon: in the syscall (poll or ppoll on x86-64), its
+    # FUSE_POLL answered (nothing waits on the connection).
+    connection = fuse_connection(mnt)
+    assert connection is not None
+    until(lambda: seen and sleeper.native_id is not None and _in_syscall(sleeper.native_id, (7, 271))
+          and waiting_requests(connection) == 0, "the sleeper is asleep in poll()")
     daemon.kill()
     daemon.start()
     (mnt / "state").write_text("prepare")
-    sleeper.join(20)
+    sleeper.join(60)
     assert not sleeper.is_alive(), f"the poller slept through the transition (saw {seen})"
     assert seen[-1] == "prepared"
 
@@ -288,14 +285,7 @@ def test_dev_liveupdate_held_before_a_restart_stays_exclusive(daemon: Daemon) ->
         assert busy.value.errno == errno.EBUSY
     finally:
         os.close(holder)
-    deadline = time.monotonic() + 5  # the close reaches the daemon asynchronously (RELEASE)
-    while True:
-        try:
-            os.close(os.open(control, os.O_RDWR))
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the device stayed busy after its holder closed it"
-            time.sleep(0.05)
+    until(lambda: _opens(control), "the device is free once its holder closed it (RELEASE is asynchronous)")
 
 
 def test_a_second_daemon_for_a_served_mount_refuses_to_start(daemon: Daemon, tmp_path: Path) -> None:
@@ -320,11 +310,9 @@ def test_a_killed_keeper_is_replaced_by_the_daemon(daemon: Daemon, container: Co
     os.close(memfd)
     [first] = keeper_pids(daemon.image_dir)
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while not [p for p in keeper_pids(daemon.image_dir) if p != first]:
-        assert time.monotonic() < deadline, "no new keeper"
-        time.sleep(0.05)
-    time.sleep(0.2)  # the new keeper is given everything
+    until(lambda: "holds the connection and every preserved descriptor" in daemon.log_text(),
+          "the daemon gives everything to a new keeper")
+    assert [p for p in keeper_pids(daemon.image_dir) if p != first]
     daemon.kill()
     daemon.start()
     assert container.cat("state") == "normal"
@@ -332,3 +320,19 @@ def test_a_killed_keeper_is_replaced_by_the_daemon(daemon: Daemon, container: Co
     for event in ("prepare", "kexec"):
         (mnt / "state").write_text(event)
     assert (mnt / "svc" / "fds" / "3").read_bytes() == b"kept twice"
+
+
+def _in_syscall(tid: int, numbers: tuple[int, ...]) -> bool:
+    """Whether thread ``tid`` of this process sleeps in one of the system calls ``numbers``."""
+    try:
+        return int(Path(f"/proc/self/task/{tid}/syscall").read_text().split()[0]) in numbers
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _opens(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        return True
+    except OSError:
+        return False

@@ -129,6 +129,7 @@ async def replace_a_dead_keeper(conn: Connection, machine_of: Callable[[], LiveU
         if isinstance(machine.record, Journal):
             machine.record.moved_to(store)
             machine.record.rewrite(machine)
+        log.info("the new keeper (pid %d) holds the connection and every preserved descriptor", store.keeper_pid)
 
 
 def alive(fd: int) -> bool:
