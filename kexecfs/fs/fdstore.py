@@ -19,16 +19,19 @@ one at start (:func:`open_store`):
 from __future__ import annotations
 
 import array
+import io
 import logging
+import logging.handlers
 import os
 import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import keeper
+from ..systemd import JournalHandler
 
 log = logging.getLogger("kexecfs.fdstore")
 
@@ -170,12 +173,13 @@ class KeeperStore:
 
     def _start(self) -> socket.socket:
         """A new keeper: it returns once its socket is bound, and lives on in the background."""
-        # Its log goes where the daemon's goes if that is a file; a pipe held open by the
-        # keeper would keep whoever reads the daemon's output waiting for its end.
-        stderr = 2 if stat.S_ISREG(os.fstat(2).st_mode) else subprocess.DEVNULL
+        target, stderr = keeper_log()
         subprocess.run([sys.executable, "-m", "kexecfs.fs.keeper", str(self.path)], check=True,
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                            keeper.LOG_TARGET: target})
+        if isinstance(stderr, io.IOBase):
+            stderr.close()
         sock = self._connect()
         if sock is None:
             raise StoreError(f"the keeper started for {self.path} does not answer")
@@ -206,6 +210,20 @@ class KeeperStore:
         except OSError:
             pass  # gone already: a keeper also ends when the connection does
         self.sock.close()
+
+
+def keeper_log() -> tuple[str, Any]:
+    """Where a keeper started now logs: where the daemon does (its journal, syslog or log
+    file; its stderr only if that is a file). Never a pipe: one held open by the keeper
+    would keep whoever reads the daemon's output waiting for its end."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, JournalHandler):
+            return "journal", subprocess.DEVNULL
+        if isinstance(handler, logging.handlers.SysLogHandler):
+            return "syslog", subprocess.DEVNULL
+        if isinstance(handler, logging.FileHandler):
+            return "stderr", open(handler.baseFilename, "ab")
+    return "stderr", 2 if stat.S_ISREG(os.fstat(2).st_mode) else subprocess.DEVNULL
 
 
 class NoStore:

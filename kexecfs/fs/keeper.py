@@ -7,7 +7,8 @@ replaced by a new version loses none of them: the next daemon asks the keeper fo
 all and serves the same connection (:mod:`kexecfs.fs.restart`).
 
 The keeper does nothing else, so that there is nothing in it to crash: it imports only
-the standard library, never reads or writes the files it holds, and knows no FUSE. It
+the standard library (and kexecfs.systemd's journal client, itself no more, to log to
+the journal as the daemon does), never reads or writes the files it holds, and knows no FUSE. It
 exits when the filesystem ends: when the daemon says so (``END``, after an unmount), or
 when the connection dies under it (``/dev/fuse`` reports POLLERR once the kernel has
 aborted the connection, e.g. after ``umount`` while no daemon ran). A keeper that never
@@ -35,6 +36,7 @@ from __future__ import annotations
 import array
 import errno
 import logging
+import logging.handlers
 import os
 import resource
 import select
@@ -207,9 +209,32 @@ def listen(path: Path) -> socket.socket:
     return sock
 
 
+# Where the keeper logs, as the daemon that starts it does: "journal" (the native protocol),
+# "syslog", or anything else for its stderr (which the daemon makes its log file or
+# /dev/null, never a pipe of the caller).
+LOG_TARGET = "KEXECFS_KEEPER_LOG"
+
+
+def setup_logging(target: str) -> None:
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler
+    if target == "journal":
+        from ..systemd import JournalHandler  # the standard library only, like this module
+
+        handler = JournalHandler()  # journalctl -t kexecfs: the daemon and its keeper (LOGGER= tells them apart)
+    elif target == "syslog" and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = "kexecfs[%(process)d]: " + fmt
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s " + fmt
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def main(argv: list[str]) -> int:
     path = Path(argv[0])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(os.environ.get(LOG_TARGET, ""))
     listener = listen(path)
     bound = os.stat(path).st_ino
     # In the background from here: the caller's wait for this process ends once the
