@@ -282,11 +282,12 @@ def received_now(sock: socket.socket) -> list[dict[str, str]]:
 def test_recovery_of_1gib_reports_progress_before_ready(tmp_path: Path) -> None:
     """Recovery runs before READY=1: under a notify socket the daemon sends STATUS= progress
     and EXTEND_TIMEOUT_USEC= meanwhile, so systemd's start timeout does not kill a large
-    recovery (the daemon here recovers 1 GiB in one memfd after being killed). Prepare and
-    freeze report their progress the same way."""
+    recovery (the daemon here recovers 1 GiB in one memfd after being killed with nothing
+    kept outside it, so that the next one has the image alone, as after a kexec). Prepare
+    and freeze report their progress the same way."""
     if FUSE_SKIP:
         pytest.skip(FUSE_SKIP)
-    d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log")
+    d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log", env={"KEXECFS_FD_STORE": "none"})
     d.mountpoint.mkdir()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify"))

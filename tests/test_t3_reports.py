@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from harness import FUSE_SKIP, NOBODY, ROOT, Daemon, in_kernel_with_kexec, sh
+from harness import FUSE_SKIP, NOBODY, ROOT, Daemon, in_kernel_with_kexec, serving, sh
 
 NoneType = type(None)
 # The documented schema (docs/json.md), written out here so that the code cannot drift from it.
@@ -97,7 +97,18 @@ def test_status_and_instances_json_are_typed(daemon: Daemon, tmp_path: Path) -> 
         [(1, "memfd", "rw", None), (2, "file", "r", None)]
 
 
-def test_a_damaged_image_counts_as_a_recovery_failure(daemon: Daemon) -> None:
+def test_a_damaged_image_counts_as_a_recovery_failure(tmp_path: Path) -> None:
+    """The daemon is killed after freeze with nothing kept outside it (a restart with its
+    keeper would resume frozen, reading no image): the next one has the image alone."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    (tmp_path / "mnt").mkdir()
+    with serving(Daemon(tmp_path / "mnt", tmp_path / "images", tmp_path / "daemon.log",
+                        env={"KEXECFS_FD_STORE": "none"})) as daemon:
+        _damaged_image_counts(daemon)
+
+
+def _damaged_image_counts(daemon: Daemon) -> None:
     mnt = daemon.mountpoint
     sh(f"mkdir {mnt}/db", check=True)
     preserve_memfd(mnt, "db", 1 << 16, 1)
