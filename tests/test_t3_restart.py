@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import (ROOT, WAIT_THEN_CREATE, Daemon, abort_connection, fuse_connection, is_mounted, needs_fuse,
-                     waiting_requests)
+                     serving, waiting_requests)
 
 pytestmark = needs_fuse
 
@@ -213,6 +213,38 @@ def test_a_restored_file_open_across_a_restart_opens_again(daemon: Daemon) -> No
     finally:
         os.close(old)
         os.close(memfd)
+
+
+def test_a_restored_file_the_daemon_serves_answers_across_a_restart(tmp_path: Path) -> None:
+    """Without passthrough the daemon serves every read and write of fds/<token> itself:
+    the restarted one takes over the handles opened before it (their access checked
+    again from the open flags), reading and writing the same memfd."""
+    d = Daemon(tmp_path / "mnt", tmp_path / "images", tmp_path / "daemon.log", ["--no-passthrough"])
+    d.mountpoint.mkdir()
+    with serving(d):
+        mnt = d.mountpoint
+        (mnt / "svc").mkdir()
+        memfd = os.memfd_create("ram")
+        os.write(memfd, b"before the restart".ljust(3 * 4096 + 100, b"."))
+        (mnt / "svc" / "fd_preserve").write_text(f"{memfd} 7")
+        os.close(memfd)
+        for event in ("prepare", "kexec"):
+            (mnt / "state").write_text(event)
+        assert "restore: proxy" in (mnt / "status").read_text()
+        rw = os.open(mnt / "svc" / "fds" / "7", os.O_RDWR)
+        ro = os.open(mnt / "svc" / "fds" / "7", os.O_RDONLY)
+        try:
+            assert os.pread(rw, 6, 0) == b"before"
+            d.kill()
+            d.start()
+            assert os.pwrite(rw, b"after", 3 * 4096) == 5
+            assert os.pread(ro, 18, 0) == b"before the restart"
+            assert os.pread(ro, 8, 3 * 4096) == b"after..."
+            assert (mnt / "svc" / "fds" / "7").read_bytes()[3 * 4096:3 * 4096 + 5] == b"after"
+            assert "took over open file" in d.log_text()
+        finally:
+            os.close(rw)
+            os.close(ro)
 
 
 def test_a_program_under_kexecfs_run_does_not_notice_a_restart(daemon: Daemon, tmp_path: Path) -> None:
