@@ -151,9 +151,12 @@ def _settle(m: LiveUpdate, intent: str) -> bool:
 
 
 def _next_boot(m: LiveUpdate) -> LiveUpdate:
-    """Complete an interrupted simulated kexec: the next boot's machine, from the image."""
+    """Complete an interrupted simulated kexec: the next boot's machine, from the image.
+    The old machine's descriptors die with its kernel, as in the kexec itself, but its
+    files stay listed: the next boot's files take their inode numbers from them."""
     for inst in m.instances.values():
-        inst.drop_files()
+        for pf in inst.files.values():
+            pf.close()
     nxt = LiveUpdate.boot(m.image_dir, boot_id=str(uuid.uuid4()), kexec_count=m.kexec_count + 1, policy=m.policy,
                           on_progress=m.on_progress)
     nxt.carry_file_inos(m)
