@@ -667,7 +667,7 @@ class Update:
     own: list[int] = field(default_factory=list)
     own_by_token: dict[int, int] = field(default_factory=dict)
     counts: Counts = field(default_factory=Counts)
-    ino: object = None  # the instance directory's inode number, as the container sees it
+    inos: dict[str, object] = field(default_factory=dict)  # inode numbers the container sees, by path
 
     def set_up(self) -> None:
         mnt = self.daemon.mountpoint
@@ -680,7 +680,9 @@ class Update:
             self.preserve_own(token)
         self.service.ask("hold", "state")
         self.service.ask("hold", "fd_preserve")
-        self.ino = self.service.ask("ino", ".")
+        # The instance, one of its files and a preserved file's entry: the kernel keeps
+        # dentries and open files by inode number, so a restart must give the same ones.
+        self.inos = {path: self.service.ask("ino", path) for path in (".", "state", "fds/1")}
 
     def preserve_own(self, token: int) -> None:
         fd = os.memfd_create(f"db-{token}")
@@ -722,7 +724,8 @@ class Update:
         listing = (self.daemon.mountpoint / "svc" / "fd_preserve").read_text()
         assert self.service.ask("read_held", "fd_preserve") == listing, "an open fd_preserve does not answer"
         self.counts.handles += 2
-        assert self.service.ask("ino", ".") == self.ino, "the instance got another inode number"
+        for path, ino in self.inos.items():
+            assert self.service.ask("ino", path) == ino, f"svc/{path} got another inode number"
 
     def finish_update(self) -> None:
         """From whatever state the restart left: on to a kexec, restore everything through

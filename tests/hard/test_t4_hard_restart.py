@@ -47,8 +47,9 @@ FAULT_POINTS = [
     ("preserve", "journal.append"), ("preserve", "journal.durable"),
     ("prepare", "journal.append"), ("prepare", "prepare.file@3"), ("prepare", "image.copy_window@2"),
     ("prepare", "journal.rewrite@2"),
-    ("freeze", "freeze.file@2"), ("freeze", "image.refresh_window@1"), ("freeze", "commit.before_fsync"),
-    ("freeze", "commit.before_rename"), ("freeze", "commit.after_rename"), ("freeze", "journal.rewrite@2"),
+    ("freeze", "freeze.file@2"), ("freeze", "image.refresh_window@1"), ("freeze", "commit.before_index"),
+    ("freeze", "commit.after_index"), ("freeze", "commit.before_fsync"), ("freeze", "commit.before_rename"),
+    ("freeze", "commit.after_rename"), ("freeze", "journal.rewrite@2"),
     ("kexec", "journal.append"), ("kexec", "recover.file@2"), ("kexec", "journal.rewrite@2"),
     ("restore", "journal.durable"),
     ("finish", "journal.append"), ("finish", "retire.before_rename"), ("finish", "journal.rewrite@2"),
@@ -79,6 +80,12 @@ def after(u: Update, name: str) -> None:
         u.restore_all()
 
 
+def armed(point: str) -> str:
+    """``name@n`` as KEXECFS_FAULTS arms it to kill the daemon at its n-th pass (1 if no n)."""
+    name, _, n = point.partition("@")
+    return f"{name}=kill@{n or 1}"
+
+
 def restarted_with(u: Update, faults: str) -> None:
     """Stop the daemon as systemctl restart does (SIGTERM) and start the next one."""
     d = u.daemon
@@ -96,7 +103,7 @@ def run_with_kill(u: Update, kill_in: str, point: str) -> str:
     u.set_up()
     for name in STEPS:
         if name == kill_in:
-            restarted_with(u, f"{point.partition('@')[0]}=kill@{point.partition('@')[2] or 1}")
+            restarted_with(u, armed(point))
         writer = step(u, name)
         assert writer is not None
         writer.start()
@@ -124,6 +131,36 @@ def run_with_kill(u: Update, kill_in: str, point: str) -> str:
 @pytest.mark.parametrize("kill_in,point", FAULT_POINTS, ids=[f"{s}-{p}" for s, p in FAULT_POINTS])
 def test_kill_at_a_fault_point_loses_nothing(update: Update, kill_in: str, point: str) -> None:
     run_with_kill(update, kill_in, point)
+    update.finish_update()
+    _add(update.counts)
+
+
+# A cancel, from prepared (nothing to retire) and from frozen (the image is retired).
+CANCEL_POINTS = [("prepared", "journal.append"), ("prepared", "journal.rewrite@2"), ("frozen", "journal.append"),
+                 ("frozen", "retire.before_rename"), ("frozen", "journal.rewrite@2")]
+
+
+@pytest.mark.parametrize("cancel_in,point", CANCEL_POINTS, ids=[f"{s}-{p}" for s, p in CANCEL_POINTS])
+def test_kill_in_a_cancel_loses_nothing(update: Update, cancel_in: str, point: str) -> None:
+    """The cancel the daemon died in is done once, by the next daemon or before it died;
+    the registrations stay, and a full update after it restores them all."""
+    d = update.daemon
+    d.start()
+    update.set_up()
+    for event in ("prepare", "freeze")[:1 if cancel_in == "prepared" else 2]:
+        (d.mountpoint / "state").write_text(event)
+    restarted_with(update, armed(point))
+    writer = Writer(d.mountpoint / "state", "cancel")
+    writer.start()
+    d.wait_killed(60)
+    d.start()
+    update.counts.restarts += 1
+    writer.join(60)
+    assert not writer.is_alive(), "the cancel was never answered after the restart"
+    assert writer.errno == 0, f"the cancel failed after the restart: {os.strerror(writer.errno)}"
+    assert (d.mountpoint / "state").read_text() == "normal\n"
+    assert not (d.image_dir / "handover.kximg").exists(), "a cancelled image is left to be recovered"
+    update.check_after_restart()
     update.finish_update()
     _add(update.counts)
 
