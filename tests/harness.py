@@ -292,12 +292,13 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
                 orphaned = True
+        # A connection still held is aborted while it is mounted here: its number cannot
+        # have gone to another mount yet (once unmounted, a new mount may take it).
         connection = fuse_connection(self.mountpoint)
-        if is_mounted(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-        # Only a connection still held (its number cannot have gone to another mount yet).
         if orphaned and connection is not None:
             abort_connection(connection)
+        if is_mounted(self.mountpoint):
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -885,9 +886,10 @@ class Racer(threading.Thread):
 
 __all__ = [
     "ContainerAgent", "Counts", "Daemon", "FUSE_SKIP", "File", "IMAGE", "MiB", "MiniMount", "NOBODY", "OTHERS_PYTHON",
-    "PUBLIC_FILES", "Payload", "ROOT", "Racer", "TESTS", "TIMEOUT", "WAIT_THEN_CREATE", "Update", "Writer", "abort_connection", "as_uid",
-    "assert_no_temp", "assert_old_state", "digest", "errno_of", "fill", "fuse_connection", "in_fresh_interpreter",
-    "instances", "is_mounted", "listing", "make_memfd", "make_regular", "mini_daemon", "needs_fuse", "others_env",
-    "public_base", "public_copy", "public_tmp", "python_env", "refused", "remove_public_base", "seals_of", "serving",
-    "sh", "sh_state_event", "state", "status", "verify_restored", "waiting_requests", "watchdog", "write_errno",
+    "PUBLIC_FILES", "Payload", "ROOT", "Racer", "TESTS", "TIMEOUT", "Update", "WAIT_THEN_CREATE", "Writer",
+    "abort_connection", "as_uid", "assert_no_temp", "assert_old_state", "digest", "errno_of", "fill",
+    "fuse_connection", "in_fresh_interpreter", "instances", "is_mounted", "listing", "make_memfd", "make_regular",
+    "mini_daemon", "needs_fuse", "others_env", "public_base", "public_copy", "public_tmp", "python_env", "refused",
+    "remove_public_base", "seals_of", "serving", "sh", "sh_state_event", "state", "status", "verify_restored",
+    "waiting_requests", "watchdog", "write_errno",
 ]
