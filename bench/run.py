@@ -107,7 +107,7 @@ def run_sections(ws: Workspace, args: argparse.Namespace, sizes: Sizes, results:
     dp = None
     vm_reserve = VM_RESERVE["quick" if args.quick else "full"] if "vm" in args.only else 0
     if "control" in args.only:
-        keep(controlplane.run(ws, sizes.control_rounds, sizes.control_per_round))
+        keep(controlplane.run(ws, sizes.control_rounds, sizes.control_per_round, results / "controlplane.json"))
     if "datapath" in args.only:
         dp = keep(datapath.run(ws, sizes.layouts, sizes.reps, sizes.read_reps))
         keep(memory.run(dp.data))
