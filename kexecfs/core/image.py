@@ -316,6 +316,7 @@ class HandoverImage:
     files: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     _seen: set[tuple[str, Any]] = field(default_factory=set, repr=False)  # names, inodes, tokens: once each
+    _advised: int = field(default=0, repr=False)  # the image offset up to which read-ahead was asked for
 
     @classmethod
     def open(cls, path: Path) -> HandoverImage:
@@ -431,7 +432,7 @@ class HandoverImage:
         chunk = self.chunk_size
         for start, length, image_off, crcs in extents:
             for off, view in _windows(self.fd, image_off, length):
-                os.posix_fadvise(self.fd, off, len(view) + READ_AHEAD, os.POSIX_FADV_WILLNEED)
+                self._read_ahead(off, off + len(view))
                 first = (off - image_off) // chunk
                 for i in range(0, len(view), chunk):
                     if crc32(view[i:i + chunk]) != crcs[first + i // chunk]:
@@ -439,6 +440,16 @@ class HandoverImage:
                                          f"{off + i}: the image is damaged")
                 if sink:
                     sink(start + off - image_off, view)
+
+    def _read_ahead(self, start: int, end: int) -> None:
+        """Ask for READ_AHEAD beyond ``end``, a WINDOW or more at a time and each byte once:
+        the advice walks the page cache even where the pages are there already, so asking
+        again for every small file would cost more than it saves."""
+        want = end + READ_AHEAD
+        if want - self._advised >= WINDOW or start > self._advised:
+            begin = max(start, self._advised)
+            os.posix_fadvise(self.fd, begin, want - begin, os.POSIX_FADV_WILLNEED)
+            self._advised = want
 
     def verify(self, progress: Progress | None = None) -> None:
         """Check every chunk of contents against its checksum."""
