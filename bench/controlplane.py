@@ -3,14 +3,16 @@
 Targets: tmpfs (the same operations on ordinary files), the floor (bench/floorfs.py),
 floor+take (the floor whose preserve also takes the caller's descriptor; preserve rows
 only) and kexecfs. One ``ctlbench`` process runs every target's operation in turn at
-each iteration, and the first target rotates from round to round. Goal: kexecfs within
-1.2x of the floor.
+each iteration, and the first target rotates from round to round. Goals: kexecfs within
+1.5x of the floor, and each ratio within 10 % of the one the previous run saved (a figure
+counts when two runs agree).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import json
 import os
 import shutil
 import statistics
@@ -67,7 +69,12 @@ def make_tmpfs_tree(base: Path) -> None:
     (base / "inst" / "fds" / "0").write_bytes(PATTERN)
 
 
-def run(ws: Workspace, rounds: int, per_round: int) -> Section:
+GOAL_RATIO = 1.5
+AGREEMENT = 0.10  # the largest change of a ratio from the previous run that counts as agreeing
+
+
+def run(ws: Workspace, rounds: int, per_round: int, previous: Path | None = None) -> Section:
+    """``previous``: the controlplane.json of the last run, to check that the ratios agree."""
     progress(f"control plane: {rounds} interleaved rounds x {per_round} iterations per operation and target")
     shm = Path(tempfile.mkdtemp(prefix="kexecfs-bench-", dir="/dev/shm"))
     memfd = make_memfd(MiB)
@@ -84,7 +91,7 @@ def run(ws: Workspace, rounds: int, per_round: int) -> Section:
         os.close(memfd)
         shutil.rmtree(shm, ignore_errors=True)
     data = summarize(samples)
-    goals = report(data)
+    goals = report(data) + agreement(data, previous)
     if traceback:
         out("  WARNING: the kexecfs daemon logged a traceback during the control-plane run")
     return Section("controlplane", data, goals)
@@ -139,10 +146,34 @@ def report(data: dict[str, Any]) -> list[Goal]:
         for col in row.columns:
             # Both columns of a two-step row come from one operation: one profile serves both.
             goals.append(Goal.at_most(f"control plane '{col}' vs pyfuse3 floor", data[col]["kexecfs_vs_floor"],
-                                      1.2, profile=f"control:{col}", profile_key=f"control:{row.columns[0]}",
+                                      GOAL_RATIO, profile=f"control:{col}", profile_key=f"control:{row.columns[0]}",
                                       reproduce=functools.partial(profile, row)))
     print_goals(goals)
     return goals
+
+
+def agreement(data: dict[str, Any], previous: Path | None) -> list[Goal]:
+    """Each kexecfs/floor ratio against the previous run's: the bench's own stability."""
+    try:
+        before = json.loads(previous.read_text()) if previous else None
+    except (OSError, ValueError):
+        before = None
+    if not before:
+        out("  no earlier control-plane run saved: nothing to check this one against")
+        return []
+    rows, worst = [], 0.0
+    for col, d in data.items():
+        old = before.get(col, {}).get("kexecfs_vs_floor")
+        if old:
+            change = d["kexecfs_vs_floor"] / old - 1
+            worst = max(worst, abs(change))
+            rows.append([col, f"{old:.2f}x", f"{d['kexecfs_vs_floor']:.2f}x", f"{change * 100:+.1f} %"])
+    table(f"1b. Control plane: kexecfs/floor against the previous run's ({previous})",
+          ["operation", "previous", "this run", "change"], rows)
+    goal = Goal.at_most("control-plane ratios agree with the previous run's", worst * 100, AGREEMENT * 100,
+                        unit=" %")
+    out(goal.line())
+    return [goal]
 
 
 def profile(row: ControlOp, ws: Workspace, pyspy: str) -> dict[str, Any]:

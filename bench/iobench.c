@@ -11,6 +11,12 @@
  *                               keeping all of them open until the end (what recovery
  *                               does, minus checksums). Prints "SECONDS BYTES".
  *   iobench read PATH           read(2) PATH to EOF with a 1 MiB buffer. Prints "SECONDS BYTES".
+ *   iobench refresh DST < LIST  The floor of a freeze after prepare: LIST holds one line per
+ *                               source, "PATH CHUNKS", CHUNKS being the comma-separated
+ *                               indexes of its 1 MiB chunks that changed (or "-"). Reads every
+ *                               source once with read(2), pwrites the changed chunks into DST
+ *                               (an earlier pack of the same sources) where pack put them,
+ *                               then fsyncs DST. Prints "SECONDS FSYNC_S READ_BYTES WRITTEN".
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -118,8 +124,39 @@ int main(int argc, char **argv)
         if (r < 0)
             die("read", argv[2]);
         printf("%.6f %lld\n", now() - t0, bytes);
+    } else if (argc == 3 && !strcmp(argv[1], "refresh")) {
+        static char buf[SLICE], chunks[1 << 20];
+        int fd = open(argv[2], O_WRONLY | O_CLOEXEC);
+        if (fd < 0)
+            die("open", argv[2]);
+        long long base = 0, bytes = 0, written = 0;
+        double t0 = now();
+        while (scanf("%4095s %1048575s", line, chunks) == 2) {
+            int sfd = open(line, O_RDONLY | O_CLOEXEC);
+            if (sfd < 0)
+                die("open", line);
+            char *next = chunks; /* the changed chunk indexes, ascending */
+            long long want = *next == '-' ? -1 : strtoll(next, &next, 10);
+            ssize_t r;
+            for (long long k = 0; (r = read(sfd, buf, sizeof buf)) > 0; k++, base += r, bytes += r) {
+                if (k != want)
+                    continue;
+                if (pwrite(fd, buf, r, base) != r)
+                    die("pwrite", argv[2]);
+                written += r;
+                want = *next == ',' ? strtoll(next + 1, &next, 10) : -1;
+            }
+            if (r < 0)
+                die("read", line);
+            close(sfd);
+        }
+        double t1 = now();
+        if (fsync(fd) < 0)
+            die("fsync", argv[2]);
+        close(fd);
+        printf("%.6f %.6f %lld %lld\n", now() - t0, now() - t1, bytes, written);
     } else {
-        fprintf(stderr, "usage: iobench pack DST | unpack SRC | read PATH\n");
+        fprintf(stderr, "usage: iobench pack DST | unpack SRC | read PATH | refresh DST\n");
         return 2;
     }
     return 0;

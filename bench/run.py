@@ -13,6 +13,8 @@ Sections (see bench/README.md for what each number means):
 6. memory: the daemon's peak RSS during freeze (from the runs of 2 and 3);
 4. blackout (freeze + simulated kexec + restore) against preserved bytes and file count,
    plotted to bench/results/blackout.png;
+8. freeze against the share of chunks changed since prepare (0/1/10/100 %), and a cold
+   recovery, against a C floor; plotted to bench/results/dirty.png;
 5. scale: many instances of many files;
 7. VM downtime: a QEMU guest across a simulated kexec with ``kexecfs vm`` against QEMU
    saving and loading all its RAM, plotted to bench/results/vm-downtime.png.
@@ -39,17 +41,18 @@ from typing import Any
 if __package__ in (None, ""):  # run as bench/run.py rather than python -m bench
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import blackout, controlplane, datapath, memory, scale, vm  # noqa: E402
+from bench import blackout, controlplane, datapath, dirty, memory, scale, vm  # noqa: E402
 from bench.harness import (RESULTS, ROOT, GiB, MiB, Section, Workspace, elapsed, out, print_goals,  # noqa: E402
                            progress, raise_fd_limit, save)
 from bench.profiles import find_pyspy, profile_misses  # noqa: E402
 
-SECTIONS = ("control", "datapath", "blackout", "scale", "vm")
+SECTIONS = ("control", "datapath", "blackout", "dirty", "scale", "vm")
 # Seconds kept back from the budget: for the profiles at the end, and (while the blackout
 # section runs) for the scale section after it, and for the VM section after both.
 PROFILE_RESERVE = 60
 SCALE_RESERVE = {"full": 150, "quick": 20}
 VM_RESERVE = {"full": 240, "quick": 60}
+DIRTY_RESERVE = {"full": 120, "quick": 15}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +69,15 @@ class Sizes:
     count_total: int
     scale: tuple[int, int, int, int]  # instances, files per instance, file size, instances restored
     vm: list[int]  # guest RAM sizes of the VM downtime section
+    dirty: list[int]  # freeze against changed chunks: these many bytes in all ...
+    dirty_counts: list[int]  # ... in this many memfds
 
 
 FULL = Sizes(5, 500, [(1, GiB), (1024, MiB)], 3, 3, [64 * MiB, 256 * MiB, GiB, 2 * GiB],
-             [1, 10, 100, 1000, 10000], 64 * MiB, (1000, 100, 4096, 10), [256 * MiB, GiB, 4 * GiB])
+             [1, 10, 100, 1000, 10000], 64 * MiB, (1000, 100, 4096, 10), [256 * MiB, GiB, 4 * GiB],
+             [512 * MiB, 4 * GiB], [1, 1000])
 QUICK = Sizes(2, 200, [(1, 64 * MiB), (64, MiB)], 1, 1, [16 * MiB, 64 * MiB], [1, 10, 100], 16 * MiB,
-              (20, 10, 4096, 5), [256 * MiB])
+              (20, 10, 4096, 5), [256 * MiB], [16 * MiB], [1, 10])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "0") not in ("", "0"),
                     help="tiny sizes: a smoke test of the suite itself (also BENCH_QUICK=1)")
     ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
-    ap.add_argument("--budget", type=float, default=780, help="seconds; optional points are dropped to fit")
+    ap.add_argument("--budget", type=float, default=900, help="seconds; optional points are dropped to fit")
     ap.add_argument("--no-profile", action="store_true", help="do not profile missed goals")
     args = ap.parse_args(argv)
     args.only = set(args.only.split(",")) if args.only else set(SECTIONS)
@@ -101,16 +107,22 @@ def run_sections(ws: Workspace, args: argparse.Namespace, sizes: Sizes, results:
     dp = None
     vm_reserve = VM_RESERVE["quick" if args.quick else "full"] if "vm" in args.only else 0
     if "control" in args.only:
-        keep(controlplane.run(ws, sizes.control_rounds, sizes.control_per_round))
+        keep(controlplane.run(ws, sizes.control_rounds, sizes.control_per_round, results / "controlplane.json"))
     if "datapath" in args.only:
         dp = keep(datapath.run(ws, sizes.layouts, sizes.reps, sizes.read_reps))
         keep(memory.run(dp.data))
     if "blackout" in args.only:
         reserve = SCALE_RESERVE["quick" if args.quick else "full"] if "scale" in args.only else 0
+        reserve += DIRTY_RESERVE["quick" if args.quick else "full"] if "dirty" in args.only else 0
         b = keep(blackout.run(ws, sizes.sizes, sizes.counts, sizes.count_total,
                               blackout.reusable(dp.data) if dp else {},
                               lambda: args.budget - reserve - vm_reserve - PROFILE_RESERVE - elapsed()))
         out(blackout.plot(b.data, results / "blackout.png"))
+    if "dirty" in args.only:
+        reserve = SCALE_RESERVE["quick" if args.quick else "full"] if "scale" in args.only else 0
+        d = keep(dirty.run(ws, sizes.dirty, sizes.dirty_counts,
+                           lambda: args.budget - reserve - vm_reserve - PROFILE_RESERVE - elapsed()))
+        out(dirty.plot(d.data, results / "dirty.png"))
     if "scale" in args.only:
         keep(scale.run(ws, *sizes.scale, lambda: args.budget - vm_reserve - PROFILE_RESERVE - elapsed()))
     if "vm" in args.only:
