@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .descriptors import DescriptorCache
 from .errors import KexecfsError, fail
 from .kinds import Kind, access_flags
 from .names import session_name
@@ -39,6 +42,12 @@ class PreservedFile:
 
     ``record`` holds what the image says (or will say) about the file: its kind's
     fields such as size, position, open flags and seals.
+
+    Its descriptor is either the daemon's own (``fd``: until the descriptor store holds
+    it, and always for a machine without a store) or in the store under ``stored``, of
+    which the daemon fetches a copy while it works on the file (:mod:`.descriptors`):
+    so the files a machine holds are not bounded by the daemon's RLIMIT_NOFILE. Code
+    that needs the descriptor asks :meth:`descriptor`, whichever holds it.
     """
 
     token: int
@@ -49,12 +58,48 @@ class PreservedFile:
     opened: bool = False  # the owner opened fds/<token> (restored it)
     error: KexecfsError | None = None  # why a recovered file could not be restored
     ino: int = 0  # the inode number of its fds/<token> entry (the machine gives it)
+    stored: str | None = None  # its name in the descriptor store, once the daemon let go of its own
+    cache: DescriptorCache | None = field(default=None, repr=False, compare=False)
+    # (st_dev, st_ino) of the open file: it never changes, and duplicate checks and the
+    # journal's twins compare it without fetching every stored descriptor.
+    inode: tuple[int, int] | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether the file has a descriptor (the daemon's or the store's)."""
+        return self.fd >= 0 or (self.stored is not None and self.cache is not None)
+
+    @contextmanager
+    def descriptor(self) -> Iterator[int]:
+        """The file's descriptor for the time of the block (-1 if it has none); a stored
+        one is fetched into the cache and may be closed once the block ends."""
+        if self.fd >= 0 or self.stored is None or self.cache is None:
+            yield self.fd
+            return
+        with self.cache.use(self.stored) as fd:
+            yield fd
+
+    def inode_key(self) -> tuple[int, int] | None:
+        if self.inode is None and self.held:
+            with self.descriptor() as fd:
+                st = os.fstat(fd)
+            self.inode = (st.st_dev, st.st_ino)
+        return self.inode
+
+    def hand_over(self, name: str, cache: DescriptorCache) -> None:
+        """The store holds the descriptor under ``name`` now: the daemon closes its own."""
+        self.inode_key()
+        self.stored, self.cache = name, cache
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @property
     def size(self) -> int:
-        if self.fd >= 0:
+        if self.held:
             try:
-                return os.fstat(self.fd).st_size
+                with self.descriptor() as fd:
+                    return os.fstat(fd).st_size
             except OSError:
                 pass
         return int(self.record.get("size", 0))
@@ -99,16 +144,20 @@ class PreservedFile:
         (already checked): the kernel then holds every proxied read and write to the granted
         access and to O_APPEND, whatever the FUSE file's flags become later (F_SETFL)."""
         keep = (flags & os.O_ACCMODE) | (os.O_APPEND if self.appends else 0)
-        return os.open(f"/proc/self/fd/{self.fd}", keep | os.O_CLOEXEC)
+        with self.descriptor() as fd:
+            return os.open(f"/proc/self/fd/{fd}", keep | os.O_CLOEXEC)
 
     def line(self) -> str:
         """``<token> <kind> <size> <flags>``, as ``fd_preserve`` lists it."""
         return f"{self.token} {self.kind.name} {self.size} {access_flags(self.record.get('flags', 0))}"
 
     def close(self) -> None:
+        """Let go of the descriptor (a stored one stays in the store until the journal
+        releases its name: another file may share it, and a crash must find it there)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self.stored = None
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""The daemon's descriptors of stored preserved files: a few at a time, fetched on demand.
+
+A preserved file's descriptor lives in the descriptor store (keepers, see
+``kexecfs.fs.fdstore``), not in the daemon: one process may hold no more descriptors
+than its RLIMIT_NOFILE (20,000 here, and only CAP_SYS_RESOURCE raises the hard limit),
+and a machine may preserve many more files than that. The daemon needs a file's
+descriptor only while it works on it (preserve's duplicate check, prepare and freeze
+reading it, a restore's reopen, ``fd_preserve``'s sizes), so it asks the store for a copy
+then and keeps the copies it used last in a bounded cache.
+
+A descriptor is used inside ``with cache.use(name) as fd``: the entry is pinned until
+the block ends, so that a fetch in another thread (prepare's worker while the FUSE
+thread lists sizes) can never close it under its user. Eviction closes the least
+recently used unpinned entry; only pinned entries (one per thread at work) may take
+the cache past its bound.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+#: Copies the daemon keeps at most (besides pinned ones): small against any descriptor limit.
+DEFAULT_SIZE = 256
+
+
+class Fetching(Protocol):
+    def fetch(self, name: str) -> int:
+        """A new descriptor (the caller's to close) of what is stored under ``name``; OSError if none."""
+        ...
+
+
+class DescriptorCache:
+    """Bounded LRU of descriptors fetched from a store, each pinned while in use."""
+
+    def __init__(self, source: Fetching, size: int = DEFAULT_SIZE) -> None:
+        self.source = source
+        self.size = max(1, size)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.fetches = 0  # what the store was asked for (for tests and metrics)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[int]:
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+            self._pins[name] = self._pins.get(name, 0) + 1
+        try:
+            if fd is None:
+                fd = self._fetch(name)
+            yield fd
+        finally:
+            with self._lock:
+                self._pins[name] -= 1
+                if not self._pins[name]:
+                    del self._pins[name]
+                self._evict()
+
+    def _fetch(self, name: str) -> int:
+        fd = self.source.fetch(name)  # outside the lock: a round trip to a keeper
+        with self._lock:
+            self.fetches += 1
+            other = self._fds.get(name)
+            if other is not None:  # another thread fetched it meanwhile: one copy is enough
+                os.close(fd)
+                return other
+            self._fds[name] = fd
+            return fd
+
+    def _evict(self) -> None:
+        if len(self._fds) <= self.size:
+            return
+        for name in list(self._fds):
+            if len(self._fds) <= self.size:
+                break
+            if name not in self._pins:
+                os.close(self._fds.pop(name))
+
+    def forget(self, name: str) -> None:
+        """The store let go of ``name`` (or replaced it): the copy goes too, once unused."""
+        with self._lock:
+            if name in self._pins:
+                return  # closed by a later eviction; a replaced name is fetched again then
+            fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            for name in [n for n in self._fds if n not in self._pins]:
+                os.close(self._fds.pop(name))
