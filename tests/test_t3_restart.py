@@ -14,14 +14,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness import (ROOT, WAIT_THEN_CREATE, Daemon, abort_connection, fuse_connection, is_mounted, needs_fuse,
-                     serving, waiting_requests)
+                     serving, until, waiting_requests)
 
 pytestmark = needs_fuse
 
@@ -78,14 +77,6 @@ def container(daemon: Daemon, tmp_path: Path) -> Iterator[Container]:
         yield c
     finally:
         c.close()
-
-
-def until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
-    """Wait for ``condition`` (polled), failing with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.02)
 
 
 def keeper_pids(image_dir: Path) -> list[int]:

@@ -2,9 +2,13 @@
 restarts, as systemd's fd store does for a service (used where there is no systemd).
 
 What it holds, each under a name: the FUSE connection (``/dev/fuse``), the record of the
-connection's FUSE_INIT, and every preserved file. A daemon that is killed, crashes or is
-replaced by a new version loses none of them: the next daemon asks the keeper for them
-all and serves the same connection (:mod:`kexecfs.fs.restart`).
+connection's FUSE_INIT, and preserved files. It is their owner: the daemon fetches a
+copy of a file's descriptor only while it works on the file (``GET``), so the files a
+mount preserves are bounded by no one process's RLIMIT_NOFILE. A mount has as many
+keepers as its files need, each holding at most a share well under its own limit, and
+each file is held by two of them (see :class:`kexecfs.fs.fdstore.KeeperStore`). A daemon
+that is killed, crashes or is replaced by a new version loses none of them: the next
+daemon finds the keepers again and serves the same connection (:mod:`kexecfs.fs.restart`).
 
 The keeper does nothing else, so that there is nothing in it to crash: it imports only
 the standard library (and kexecfs.systemd's journal client, itself no more, to log to
@@ -22,6 +26,8 @@ SCM_RIGHTS::
     STORE <name>       one descriptor attached; replaces a descriptor of that name
     REMOVE <name>      closes it
     FETCH              -> FDS <name>... (with those descriptors, at most BATCH a message)..., DONE <n>
+    GET <name>...      -> FDS <name>... of those it holds (at most BATCH asked), with their descriptors
+    LIST               -> NAMES <name>... (as many messages as needed)..., DONE <n>
     END                the filesystem ended: close everything and exit
 
 ``STORE`` and ``REMOVE`` are not answered: a message is in the keeper's queue once
@@ -50,6 +56,7 @@ log = logging.getLogger("kexecfs.keeper")
 
 SOCKET_NAME = "keeper.sock"
 CONNECTION = "fuse"  # the name the daemon stores /dev/fuse under: watched for its death
+CONNECTION_NAMES = frozenset({CONNECTION, "fuse-init"})  # the connection's; every other name is a preserved file
 BATCH = 250  # descriptors per message (the kernel's SCM_MAX_FD is 253)
 MESSAGE = 1 << 16
 _HUNG_UP = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -142,6 +149,11 @@ class Keeper:
             self._forget(arg)
         elif verb == "FETCH":
             self._fetch(sock)
+        elif verb == "GET":
+            found = [n for n in arg.split()[:BATCH] if n in self.held]
+            send(sock, "FDS " + " ".join(found), [self.held[n] for n in found])
+        elif verb == "LIST":
+            self._list(sock)
         elif verb == "END":
             log.info("keeper: the filesystem ended; releasing %d descriptor(s)", len(self.held))
             self.done = True
@@ -173,6 +185,19 @@ class Keeper:
             batch = names[start:start + BATCH]
             send(sock, "FDS " + " ".join(batch), [self.held[n] for n in batch])
         send(sock, f"DONE {len(names)}")
+
+    def _list(self, sock: socket.socket) -> None:
+        line: list[str] = []
+        size = 0
+        for name in self.held:
+            if size + len(name) + 1 > MESSAGE - 16:
+                send(sock, "NAMES " + " ".join(line))
+                line, size = [], 0
+            line.append(name)
+            size += len(name) + 1
+        if line:
+            send(sock, "NAMES " + " ".join(line))
+        send(sock, f"DONE {len(self.held)}")
 
     def _hang_up(self, sock: socket.socket) -> None:
         self.poller.unregister(sock)
@@ -245,7 +270,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one descriptor per preserved file
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the daemon gives each keeper a share well under it
     keeper = Keeper(listener)
     try:
         keeper.run()
