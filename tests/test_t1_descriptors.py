@@ -103,10 +103,29 @@ def test_a_preserved_file_let_go_by_the_daemon_is_fetched_while_used() -> None:
     try:
         pf.hand_over("f0", cache)
         assert pf.fd == -1 and pf.held and pf.inode is not None
+        cache.clear()  # the daemon's own copy goes: the next use fetches one
         assert pf.size == 1 and store.handed_out == 1
         reopened = pf.reopen(os.O_RDONLY)
         assert os.pread(reopened, 8, 0) == b"0"
         os.close(reopened)
+    finally:
+        cache.clear()
+        store.close()
+
+
+def test_a_handed_over_descriptor_is_the_first_cached_copy_and_still_bounded() -> None:
+    store = Store(30)
+    cache = DescriptorCache(store, size=4)
+    before = open_count()
+    try:
+        files = []
+        for i in range(30):
+            pf = PreservedFile(i, KINDS["memfd"], os.dup(store.fds[f"f{i}"]), {"size": 1, "flags": os.O_RDWR})
+            pf.hand_over(f"f{i}", cache)
+            files.append(pf)
+        assert len(cache) == 4 and open_count() - before == 4
+        assert files[-1].size == len(b"29") and store.handed_out == 0, "the last handed over needs no fetch"
+        assert files[0].size == 1 and store.handed_out == 1
     finally:
         cache.clear()
         store.close()

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .descriptors import DescriptorCache
+from .descriptors import DescriptorCache, warmed
 from .errors import KexecfsError, fail
 from .kinds import Kind, access_flags
 from .names import session_name
@@ -87,11 +87,12 @@ class PreservedFile:
         return self.inode
 
     def hand_over(self, name: str, cache: DescriptorCache) -> None:
-        """The store holds the descriptor under ``name`` now: the daemon closes its own."""
+        """The store holds the descriptor under ``name`` now: the daemon's own becomes a
+        cached copy, closed when the cache needs the room."""
         self.inode_key()
         self.stored, self.cache = name, cache
         if self.fd >= 0:
-            os.close(self.fd)
+            cache.adopt(name, self.fd)
             self.fd = -1
 
     @property
@@ -185,7 +186,7 @@ class Instance:
 
     def image_bytes(self) -> int:
         """The bytes of contents this instance puts into the image (memfds; not regular files)."""
-        return sum(pf.size for pf in self.files.values() if pf.kind.stores_contents)
+        return sum(pf.size for pf in warmed(self.files.values()) if pf.kind.stores_contents)
 
     def check_room(self, kind: Kind, record: dict[str, Any], caller: Caller) -> None:
         """ENOSPC past the file limit, EDQUOT past the byte limit, for one more preserved file."""
@@ -237,7 +238,7 @@ class Instance:
             raise fail(errno.ENOENT, f"instance {self.name!r} has no preserved file with token {token}") from None
 
     def listing(self) -> str:
-        return "".join(self.files[t].line() + "\n" for t in sorted(self.files))
+        return "".join(pf.line() + "\n" for pf in warmed(self.files[t] for t in sorted(self.files)))
 
     def drop_files(self) -> None:
         for pf in self.files.values():

@@ -223,6 +223,7 @@ class Journal:
         self.on_success: list[Callable[[], None]] = []  # what the pending frame does once durable
         self.on_failure: list[Callable[[], None]] = []  # what undoes its side effects if it is not
         self.machine: LiveUpdate | None = None
+        self._parking: list[tuple[str, PreservedFile]] = []  # recovered, named, not stored yet
         self.fd = -1
         self.size = self.snapshot_size = 0  # bytes now, and as the last snapshot left it
 
@@ -314,15 +315,29 @@ class Journal:
             self.cache.forget(name)
 
     def park(self, pf: PreservedFile) -> None:
-        """A file recovered from an image goes to the store at once, under a new name that
-        the next :meth:`rewrite` journals (a crash before leaves a name no record gives,
-        released at the next start): a recovery holds one restored descriptor at a time."""
+        """A file recovered from an image goes to the store, under a new name that the next
+        :meth:`rewrite` journals (a crash before leaves a name no record gives, released at
+        the next start): a recovery holds a batch of restored descriptors at a time (half
+        the cache), stored in one message per keeper."""
         if self.cache is None or pf.fd < 0:
             return
-        name = f"f{self.next_name}"
+        self._parking.append((f"f{self.next_name}", pf))
         self.next_name += 1
-        self.store.keep(name, pf.fd)
-        pf.hand_over(name, self.cache)
+        if len(self._parking) >= max(1, self.cache.size // 2):
+            self._park_pending()
+
+    def _park_pending(self) -> None:
+        parking, self._parking = self._parking, []
+        if not parking or self.cache is None:
+            return
+        keep_many = getattr(self.store, "keep_many", None)
+        if keep_many is not None:
+            keep_many([(name, pf.fd) for name, pf in parking])
+        else:
+            for name, pf in parking:
+                self.store.keep(name, pf.fd)
+        for name, pf in parking:
+            pf.hand_over(name, self.cache)
 
     def adopt(self, m: LiveUpdate, names: dict[tuple[int, int], str], next_name: int,
               answered: dict[int, int]) -> None:
@@ -389,6 +404,7 @@ class Journal:
         """Replace the journal by one frame holding the whole of ``m`` (at start, after each
         event, and for the machine a simulated kexec swaps in). ``answered``: the request
         (unique, errno) whose effect this is."""
+        self._park_pending()  # the files a recovery parked last are in the store before any is named
         old_names, old = set(self.users), (self.names, self.by_inode, self.machine)
         self.pending, self.on_success, self.on_failure = [], [], []
         if m is not self.machine:

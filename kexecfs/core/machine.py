@@ -34,6 +34,7 @@ from typing import Any
 from .. import abi
 from .errors import KexecfsError, fail, refusal
 from .capture import take_descriptor
+from .descriptors import warmed
 from .syscalls import same_open_file
 from .faults import inject
 from .image import IMAGE_NAME, HandoverImage, ImageError, ImageWriter, writer_info
@@ -142,7 +143,7 @@ class LiveUpdate:
         return {
             "state": self.state.word, "boot_id": self.boot_id, "kexec_count": self.kexec_count,
             "instances": len(self.instances), "preserved_files": len(files),
-            "preserved_bytes": sum(pf.size for pf in files), "image_dir": str(self.image_dir),
+            "preserved_bytes": sum(pf.size for pf in warmed(files)), "image_dir": str(self.image_dir),
             "last_image": str(self.last_image or ""), "last_error": self.last_error,
             "progress": self.progress,
             "last_freeze_seconds": self.last_freeze_seconds, "last_recovery_seconds": self.last_recovery_seconds,
@@ -591,7 +592,7 @@ class LiveUpdate:
         try:
             for inst in self.instances.values():
                 inst.check_bytes("prepare")  # memfds can have grown since they were preserved
-            for inst, pf in self._files():
+            for inst, pf in warmed(self._files(), _file):
                 inject("prepare.file")
                 with _about(inst, pf, "prepare"), pf.descriptor() as fd:
                     pf.kind.validate(fd)
@@ -613,7 +614,7 @@ class LiveUpdate:
         written_by_prepare = writer.bytes_written
         try:
             records = [inst.record() for inst in self.instances.values()]
-            for inst, pf in self._files():
+            for inst, pf in warmed(self._files(), _file):
                 inject("freeze.file")
                 with _about(inst, pf, "freeze"), pf.descriptor() as fd:
                     pf.kind.validate(fd)
@@ -863,6 +864,10 @@ class _about:
             error.fields = self.fields  # type: ignore[attr-defined]
             raise error from None
         return False
+
+
+def _file(pair: tuple[Instance, PreservedFile]) -> PreservedFile:
+    return pair[1]
 
 
 def _keep_restored(inst: Instance, record: Any) -> None:

@@ -100,6 +100,13 @@ class SystemdStore:
             raise OSError(errno.ENOENT, f"no keeper holds {name!r}")
         return self.keepers.fetch(name)
 
+    def fetch_many(self, names: list[str]) -> dict[str, int]:
+        return self.keepers.fetch_many(names) if self.keepers is not None else {}
+
+    def keep_many(self, items: list[tuple[str, int]]) -> None:
+        for name, fd in items:
+            self.keep(name, fd)
+
     def retrieve(self) -> dict[str, int]:
         """The descriptors systemd handed over (once: the variables are unset after)."""
         env = self.environ
@@ -409,24 +416,55 @@ class KeeperStore:
                 return fd
         raise OSError(errno.ENOENT, f"no keeper of shard {shard} gives descriptor {name!r}")
 
+    def fetch_many(self, names: list[str]) -> dict[str, int]:
+        """Those of ``names`` the keepers hold: one GET per shard and batch of 250."""
+        by_shard: dict[int, list[str]] = {}
+        for name in names:
+            if name in self.where:
+                by_shard.setdefault(self.where[name], []).append(name)
+        got: dict[str, int] = {}
+        for shard, wanted in by_shard.items():
+            for start in range(0, len(wanted), keeper.BATCH):
+                batch = wanted[start:start + keeper.BATCH]
+                for member in self.shards[shard]:
+                    if member is None:
+                        continue
+                    try:
+                        got.update(self._get(member, batch))
+                        break
+                    except OSError:
+                        continue  # dead: the other keeper of the shard has them too
+        return got
+
     def keep(self, name: str, fd: int, watch: bool = False) -> None:
         if name in keeper.CONNECTION_NAMES:
             self.connection_known(name, fd)
             return
-        if name in self.where:
-            self.release(name)
-        shard = next((s for s, count in enumerate(self.counts) if count < self.capacity), None)
-        if shard is None:
-            shard = len(self.shards)
-            self.shards.append([None, None])
-            self.counts.append(0)
-            log.info("keepers: shard %d is started (%d files a shard)", shard, self.capacity)
-        pair = self.shards[shard]
-        for n in (0, 1):
-            member = pair[n] or self._new_member(shard, n)  # a shard's second keeper comes with its first file
-            self._send(member, f"STORE {name}", [fd])
-        self.where[name] = shard
-        self.counts[shard] += 1
+        self.keep_many([(name, fd)])
+
+    def keep_many(self, items: list[tuple[str, int]]) -> None:
+        """Store files, each in a shard with room (started if none has), one message per
+        shard and batch to each of its keepers."""
+        by_shard: dict[int, list[tuple[str, int]]] = {}
+        for name, fd in items:
+            if name in self.where:
+                self.release(name)
+            shard = next((s for s, count in enumerate(self.counts) if count < self.capacity), None)
+            if shard is None:
+                shard = len(self.shards)
+                self.shards.append([None, None])
+                self.counts.append(0)
+                log.info("keepers: shard %d is started (%d files a shard)", shard, self.capacity)
+            by_shard.setdefault(shard, []).append((name, fd))
+            self.where[name] = shard
+            self.counts[shard] += 1
+        for shard, stored in by_shard.items():
+            pair = self.shards[shard]
+            for n in (0, 1):
+                member = pair[n] or self._new_member(shard, n)  # a shard's second keeper comes with its first file
+                for start in range(0, len(stored), keeper.BATCH):
+                    batch = stored[start:start + keeper.BATCH]
+                    self._send(member, "STORE " + " ".join(name for name, _fd in batch), [fd for _name, fd in batch])
 
     def connection_known(self, name: str, fd: int) -> None:
         """The daemon's descriptor of the connection (``fuse``, ``fuse-init``): every keeper

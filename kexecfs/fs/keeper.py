@@ -23,7 +23,7 @@ the keeper's own uid). Each message is one ASCII command, with descriptors attac
 SCM_RIGHTS::
 
     HELLO <pid>        -> OK <keeper pid> <held>   or  BUSY <pid> (another daemon serves)
-    STORE <name>       one descriptor attached; replaces a descriptor of that name
+    STORE <name>...    one descriptor attached per name (at most BATCH); replaces descriptors of those names
     REMOVE <name>      closes it
     FETCH              -> FDS <name>... (with those descriptors, at most BATCH a message)..., DONE <n>
     GET <name>...      -> FDS <name>... of those it holds (at most BATCH asked), with their descriptors
@@ -138,8 +138,9 @@ class Keeper:
             self._hang_up(sock)
             return
         verb, _, arg = text.partition(" ")
-        if verb == "STORE" and len(fds) == 1 and arg:
-            self._store(arg, fds[0])
+        if verb == "STORE" and arg and len(arg.split()) == len(fds):
+            for name, fd in zip(arg.split(), fds):
+                self._store(name, fd)
             return
         for fd in fds:  # only STORE brings a descriptor
             os.close(fd)
