@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
-from kexecfs.core.descriptors import DescriptorCache
+from kexecfs.core.descriptors import DescriptorCache, warmed
 from kexecfs.core.instance import PreservedFile
 from kexecfs.core.kinds import KINDS
 
@@ -126,6 +126,37 @@ def test_a_handed_over_descriptor_is_the_first_cached_copy_and_still_bounded() -
         assert len(cache) == 4 and open_count() - before == 4
         assert files[-1].size == len(b"29") and store.handed_out == 0, "the last handed over needs no fetch"
         assert files[0].size == 1 and store.handed_out == 1
+    finally:
+        cache.clear()
+        store.close()
+
+
+class BatchStore(Store):
+    """A store that also answers many names in one round trip (as a keeper's GET)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.round_trips = 0
+
+    def fetch_many(self, names: list[str]) -> dict[str, int]:
+        self.round_trips += 1
+        return {name: os.dup(self.fds[name]) for name in names}
+
+
+def test_a_walk_over_every_file_fetches_in_batches_within_the_bound() -> None:
+    store = BatchStore(100)
+    cache = DescriptorCache(store, size=16)
+    before = open_count()
+    files = []
+    try:
+        for i in range(100):
+            pf = PreservedFile(i, KINDS["memfd"], -1, {"size": 0, "flags": os.O_RDWR})
+            pf.stored, pf.cache = f"f{i}", cache
+            files.append(pf)
+        sizes = [pf.size for pf in warmed(files)]
+        assert sizes == [len(str(i)) for i in range(100)]
+        assert store.handed_out == 0 and store.round_trips == 13, "one round trip per 8 files (half the cache)"
+        assert open_count() - before <= 16
     finally:
         cache.clear()
         store.close()
