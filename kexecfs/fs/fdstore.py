@@ -1,19 +1,26 @@
-"""Where the daemon's descriptors outlive the daemon: systemd's fd store, or a keeper.
+"""Where the daemon's descriptors outlive the daemon: keepers, and systemd's fd store.
 
-Both are one interface, :class:`DescriptorStore`: ``keep`` a copy of a descriptor under
-a name, ``release`` it, ``retrieve`` everything held when the daemon starts, and ``end``
-when the filesystem ends (an unmount: nothing is to be kept any more). The daemon picks
-one at start (:func:`open_store`):
+All are one interface, :class:`DescriptorStore`: ``keep`` a copy of a descriptor under
+a name, ``release`` it, ``retrieve`` what is held when the daemon starts (the
+connection's descriptors; -1 for each file, which stays in the store), and ``end`` when
+the filesystem ends (an unmount: nothing is to be kept any more). A store of keepers
+also has ``fetch`` (a copy of one file's descriptor, on demand) and ``fetch_many``: it
+owns the preserved descriptors, and the daemon holds a bounded few copies
+(``kexecfs.core.descriptors``). The daemon picks one at start (:func:`open_store`):
 
+- without systemd, keeper processes (:mod:`.keeper`, :class:`KeeperStore`):
+  sharded, two per shard, started by the daemon as the files need them and found again
+  through their sockets in the image directory;
 - under systemd (``KEXECFS_FD_STORE=systemd`` in the unit, or ``$FDSTORE``, which
-  systemd >= 254 sets when the unit has a FileDescriptorStoreMax=): ``FDSTORE=1`` with
-  ``FDNAME=`` on the notify socket, and back through ``LISTEN_FDS``/``LISTEN_FDNAMES``;
-  kexecfs.service sets ``FileDescriptorStorePreserve=yes`` so the store outlives a stop;
-- otherwise a keeper process (:mod:`.keeper`), started by the first daemon of a mount
-  and found again through its socket in the image directory;
+  systemd >= 254 sets when the unit has a FileDescriptorStoreMax=): the connection goes
+  to the fd store (``FDSTORE=1`` with ``FDNAME=`` on the notify socket, back through
+  ``LISTEN_FDS``/``LISTEN_FDNAMES``; kexecfs.service sets
+  ``FileDescriptorStorePreserve=yes`` so the store outlives a stop), the files to keepers
+  (systemd gives descriptors back only at a start, all at once: see :class:`SystemdStore`);
 - ``KEXECFS_FD_STORE=none``: nothing outlives the daemon, as before kexecfs had a store.
   A crash ends the mount (ENOTCONN) and the next daemon recovers from the image alone,
-  as after a power cut; the crash tests of the image use it.
+  as after a power cut; the crash tests of the image use it. The daemon holds every
+  preserved descriptor itself then, and its RLIMIT_NOFILE bounds them.
 """
 
 from __future__ import annotations
