@@ -109,13 +109,12 @@ class DescriptorCache:
             return fd
 
     def _evict(self) -> None:
-        if len(self._fds) <= self.size:
-            return
-        for name in list(self._fds):
-            if len(self._fds) <= self.size:
-                break
-            if name not in self._pins:
-                os.close(self._fds.pop(name))
+        while len(self._fds) > self.size:
+            # The oldest unpinned entry: nearly always the first (pins are one per thread at work).
+            victim = next((name for name in self._fds if name not in self._pins), None)
+            if victim is None:
+                return
+            os.close(self._fds.pop(victim))
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Fetch the missing ones of ``names`` in one go (a keeper answers up to 250 names a
