@@ -133,6 +133,20 @@ def test_files_the_old_daemon_opened_do_not_take_the_new_daemons_handles(daemon:
             f.close()
 
 
+def test_the_shutdown_hook_of_a_restart_does_not_wait_for_the_next_daemon(daemon: Daemon) -> None:
+    """kexecfs-freeze.service Requires= kexecfs.service, so a restart of the daemon stops the
+    freeze unit and runs its hook while no daemon serves the mount; systemd starts the next
+    daemon only after that stop. A hook that read the mount before looking for a
+    kexec.target job waited for a daemon that waited for it (found under a real systemd)."""
+    daemon.kill()
+    hook = subprocess.run([sys.executable, "-m", "kexecfs", "--mount", str(daemon.mountpoint), "shutdown-hook"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert hook.returncode == 0 and "not a kexec" in hook.stdout, hook.stdout + hook.stderr
+    daemon.start()
+    assert (daemon.mountpoint / "state").read_text() == "normal\n"
+
+
 def test_the_daemon_that_mounted_is_not_the_one_that_unmounts(daemon: Daemon, container: Container) -> None:
     """Three restarts in a row, then an unmount by the third daemon ends the keeper too."""
     for _ in range(3):
