@@ -319,3 +319,31 @@ def test_churn_without_events_keeps_the_journal_small(tmp_path: Path, monkeypatc
         sizes.append((tmp_path / "images" / JOURNAL_NAME).stat().st_size)
     assert max(sizes) < 2 * journal_mod.COMPACT_SLACK, f"the journal grew to {max(sizes)} bytes"
     assert resumed(tmp_path / "images", store.copy())["instances"].keys() == {"svc"}
+
+
+def test_a_resumed_machine_gives_no_inode_number_twice(tmp_path: Path) -> None:
+    """Instances and files made after the last snapshot are in no machine record: the
+    resumed machine's next inode numbers must still be past theirs (a new instance with
+    an old one's number would take its registrations' names in the journal too)."""
+    m, store, _fds = populated(tmp_path)  # mkdir and preserves only: frames without a machine record
+    image_dir = tmp_path / "images"
+    state = load(image_dir / JOURNAL_NAME)
+    assert state is not None
+    held = store.copy()
+    r = resume(image_dir, state, held, Policy())
+    try:
+        old_instances = {i.ino for i in r.machine.instances.values()}
+        old_files = {pf.ino for i in r.machine.instances.values() for pf in i.files.values()}
+        new = r.machine.create_instance("new", ROOT)
+        fd = memfd(b"new")
+        pf = r.machine.preserve(new, ROOT, fd, 0)
+        assert new.ino not in old_instances and new.ino > max(old_instances)
+        assert pf.ino not in old_files and pf.ino > max(old_files)
+    finally:
+        for inst in r.machine.instances.values():
+            inst.drop_files()
+        for fd in held.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -35,7 +35,7 @@ from .image import IMAGE_NAME, HandoverImage, ImageError
 from .instance import Instance, PreservedFile
 from .journal import JournalState
 from .kinds import KINDS
-from .machine import LiveUpdate, Policy, State, remove_unfinished_images
+from .machine import INO_STRIDE, LiveUpdate, Policy, State, remove_unfinished_images
 
 log = logging.getLogger("kexecfs.resume")
 
@@ -70,6 +70,10 @@ def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: P
                         session=rec["session"])
         m.instances[inst.name] = m.by_ino[inst.ino] = inst
     names, lost = _files(m, state, held)
+    # Instances and files made since the last machine record (preserves and mkdirs journal
+    # no machine record) must not have their inode numbers given out again.
+    m.next_ino = max([m.next_ino] + [i.ino + INO_STRIDE for i in m.instances.values()])
+    m.next_file_ino = max([m.next_file_ino] + [pf.ino + 1 for i in m.instances.values() for pf in i.files.values()])
     requests = dict(state.requests)
     stale: list[str] = []
     intent = fields.get("intent")
