@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import re
 import select
 import shutil
@@ -186,7 +187,8 @@ class Daemon:
     """
 
     def __init__(self, mountpoint: Path, image_dir: Path, log: Path, extra: list[str] | None = None, *,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, nofile: int | None = None) -> None:
+        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) of the daemon and the keeper it starts
         self.mountpoint = mountpoint
         self.image_dir = image_dir
         self.log = log
@@ -223,7 +225,9 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kexecfs", "mount", str(self.mountpoint), "--image-dir", str(self.image_dir),
              "--foreground", *self.extra],
-            stdout=logf, stderr=logf, cwd=ROOT, env=env)
+            stdout=logf, stderr=logf, cwd=ROOT, env=env,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile)))
+            if self.nofile else None)
         deadline = time.monotonic() + 30
         # Not a look at the mount until the daemon says it serves: the mount of a restarted
         # daemon exists all along, and a request to it waits until some daemon answers.
