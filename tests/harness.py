@@ -763,6 +763,19 @@ class Update:
         self.own.clear()
 
 
+@contextlib.contextmanager
+def updating(u: Update) -> Iterator[Update]:
+    """``u`` for a test's block; then its container and descriptors closed, its daemon
+    stopped, and the test failed if the daemon logged a traceback it was not told to expect."""
+    try:
+        yield u
+    finally:
+        u.close()
+        u.daemon.stop()
+    bad = u.daemon.unexpected_tracebacks()
+    assert not bad, "the daemon logged unexpected tracebacks:\n" + "\n".join(bad)
+
+
 class Writer(threading.Thread):
     """One command written to a file of the mount (or, with ``command`` None, one open for
     reading), in a thread: it may outlive a daemon."""
@@ -894,6 +907,6 @@ __all__ = [
     "abort_connection", "as_uid", "assert_no_temp", "assert_old_state", "digest", "errno_of", "fill",
     "fuse_connection", "in_fresh_interpreter", "instances", "is_mounted", "listing", "make_memfd", "make_regular",
     "mini_daemon", "needs_fuse", "others_env", "public_base", "public_copy", "public_tmp", "python_env", "refused",
-    "remove_public_base", "seals_of", "serving", "sh", "sh_state_event", "state", "status", "verify_restored",
-    "waiting_requests", "watchdog", "write_errno",
+    "remove_public_base", "seals_of", "serving", "sh", "sh_state_event", "state", "status", "updating",
+    "verify_restored", "waiting_requests", "watchdog", "write_errno",
 ]
