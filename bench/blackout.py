@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .harness import (MiB, Section, Suspect, Workspace, close_all, fmt_bytes, make_memfd, out, progress, table,
-                      turns)
+from .harness import (NO_MATPLOTLIB, MiB, Section, Suspect, Workspace, close_all, fmt_bytes, make_memfd, out, progress,
+                      pyplot, save_plot, table, turns)
 from .update import kexecfs_update, plain_update, profile_phase
 
 Runs = tuple[dict[str, Any], dict[str, Any]]  # kexecfs's update and the plain program's
@@ -102,23 +102,16 @@ def _reproduce(phase: str, count: int, size: int, ws: Workspace, pyspy: str) -> 
 
 def plot(blackout: dict[str, Any], path: Path) -> str:
     """Draw the points to ``path``; the line to print about it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "  no plot: matplotlib is not installed (it comes with the bench extra: pip install -e '.[bench]')"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, axis in zip(axes, ("size", "count")):
         pts = [q for q in blackout["points"] if q["axis"] == axis]
         if pts:
             _plot_axis(ax, axis, pts)
     fig.suptitle("kexecfs blackout (simulated kexec), " + time.strftime("%Y-%m-%d %H:%M"))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"  plot: {path}"
+    return save_plot(plt, fig, path)
 
 
 def _plot_axis(ax: Any, axis: str, pts: list[dict[str, Any]]) -> None:

@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .harness import (MiB, Daemon, Goal, Section, Workspace, close_all, fmt_bytes, make_memfd, out, preserve_all,
-                      progress, run_tool, self_fd, table, turns)
+from .harness import (NO_MATPLOTLIB, MiB, Daemon, Goal, Section, Workspace, close_all, fmt_bytes, make_memfd, out,
+                      preserve_all, progress, pyplot, run_tool, save_plot, self_fd, table, turns)
 
 FRACTIONS = (0, 1, 10, 100)  # per cent of the chunks rewritten between prepare and freeze
 CHUNK = MiB  # kexecfs.core.image.CHUNK_SIZE
@@ -179,12 +179,9 @@ def ms(seconds: float | None) -> str:
 def plot(data: dict[str, Any], path: Path) -> str:
     """Freeze seconds against the share changed, kexecfs and its floor per layout, to
     ``path``; the line to print about it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "  no plot: matplotlib is not installed (it comes with the bench extra: pip install -e '.[bench]')"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     fig, ax = plt.subplots(figsize=(7, 4.8))
     x = list(range(len(FRACTIONS)))
     for n, p in enumerate(data["points"]):
@@ -198,8 +195,4 @@ def plot(data: dict[str, Any], path: Path) -> str:
     ax.grid(True, which="both", alpha=.3)
     ax.legend(fontsize=8)
     ax.set_title("freeze against what changed since prepare")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"  plot: {path}"
+    return save_plot(plt, fig, path)

@@ -421,6 +421,29 @@ class Section:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+NO_MATPLOTLIB = "  no plot: matplotlib is not installed (it comes with the bench extra: pip install -e '.[bench]')"
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files only, or None if matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_plot(plt: Any, fig: Any, path: Path) -> str:
+    """Write ``fig`` to ``path``; the line to print about it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"  plot: {path}"
+
+
 def save(results: Path, name: str, data: Any) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")

@@ -30,8 +30,8 @@ from kexecfs.client import Kexecfs
 from kexecfs.vm import lifecycle
 from kexecfs.vm.qemu import UNLIMITED_BANDWIDTH, GuestConfig, RunDir, launch, wait_exit, wait_migration, wait_runstate
 
-from .harness import (GiB, PATTERN, ROOT, Daemon, Goal, Section, Workspace, fmt_bytes, out, progress, table,
-                      turns)
+from .harness import (NO_MATPLOTLIB, GiB, PATTERN, ROOT, Daemon, Goal, Section, Workspace, fmt_bytes, out, progress,
+                      pyplot, save_plot, table, turns)
 
 sys.path.insert(0, str(ROOT / "tests"))
 from tinyguest import Console, TinyGuest, one_life  # noqa: E402
@@ -243,12 +243,9 @@ def report(points: list[dict[str, Any]], skipped: list[str]) -> list[Goal]:
 
 def plot(vm: dict[str, Any], path: Path) -> str:
     """Downtime against guest RAM size, both sides and kexecfs's parts; the line to print."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "  no plot: matplotlib is not installed (it comes with the bench extra: pip install -e '.[bench]')"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     pts = vm["points"]
     if not pts:
         return "  no plot: no points"
@@ -270,8 +267,4 @@ def plot(vm: dict[str, Any], path: Path) -> str:
     ax.grid(True, which="both", alpha=.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_title("VM downtime across a simulated kexec, " + time.strftime("%Y-%m-%d %H:%M"))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"  plot: {path}"
+    return save_plot(plt, fig, path)

@@ -257,10 +257,13 @@ def _kexec_queued() -> bool:
 
 
 def _shutdown_hook(args: argparse.Namespace) -> int:
-    state = (Path(args.mount) / "state").read_text().strip()
+    # The kexec.target job first, the mount second: this hook also runs when
+    # kexecfs.service restarts (its Requires= stops this unit), and then no daemon answers
+    # the mount until the next one starts, which systemd starts only after this stop.
     if not args.force and not _kexec_queued():
-        print(f"kexecfs: not a kexec (no kexec.target job): leaving the state {state}")
+        print("kexecfs: not a kexec (no kexec.target job): nothing to freeze")
         return 0
+    state = (Path(args.mount) / "state").read_text().strip()
     if state != "prepared":
         print(f"kexecfs: kexec with state {state}: nothing prepared, nothing to freeze")
         return 0

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import re
 import select
 import shutil
@@ -188,12 +189,12 @@ class Daemon:
 
     def __init__(self, mountpoint: Path, image_dir: Path, log: Path, extra: list[str] | None = None, *,
                  env: Mapping[str, str] | None = None, nofile: int | None = None) -> None:
+        self.nofile = nofile
         self.mountpoint = mountpoint
         self.image_dir = image_dir
         self.log = log
         self.extra = extra or []
         self.env = dict(env or {})
-        self.nofile = nofile
         self.faults = ""  # armed in the running daemon
         self.proc: subprocess.Popen[bytes] | None = None
         self.expected: list[str] = []  # log fragments that mark an expected traceback
@@ -225,7 +226,9 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kexecfs", "mount", str(self.mountpoint), "--image-dir", str(self.image_dir),
              "--foreground", *self.extra],
-            stdout=logf, stderr=logf, cwd=ROOT, env=env, preexec_fn=self._limits if self.nofile else None)
+            stdout=logf, stderr=logf, cwd=ROOT, env=env,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile)))
+            if self.nofile else None)
         deadline = time.monotonic() + 30
         # Not a look at the mount until the daemon says it serves: the mount of a restarted
         # daemon exists all along, and a request to it waits until some daemon answers.
@@ -245,11 +248,6 @@ class Daemon:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-
-    def _limits(self) -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     @property
     def pid(self) -> int:
@@ -775,6 +773,19 @@ class Update:
         self.own.clear()
 
 
+@contextlib.contextmanager
+def updating(u: Update) -> Iterator[Update]:
+    """``u`` for a test's block; then its container and descriptors closed, its daemon
+    stopped, and the test failed if the daemon logged a traceback it was not told to expect."""
+    try:
+        yield u
+    finally:
+        u.close()
+        u.daemon.stop()
+    bad = u.daemon.unexpected_tracebacks()
+    assert not bad, "the daemon logged unexpected tracebacks:\n" + "\n".join(bad)
+
+
 class Writer(threading.Thread):
     """One command written to a file of the mount (or, with ``command`` None, one open for
     reading), in a thread: it may outlive a daemon."""
@@ -947,6 +958,6 @@ __all__ = [
     "abort_connection", "as_uid", "assert_no_temp", "assert_old_state", "digest", "errno_of", "fill",
     "fuse_connection", "in_fresh_interpreter", "instances", "is_mounted", "listing", "make_memfd", "make_regular",
     "mini_daemon", "needs_fuse", "others_env", "public_base", "public_copy", "public_tmp", "python_env", "refused",
-    "remove_public_base", "seals_of", "serving", "sh", "sh_state_event", "state", "status", "verify_restored",
-    "waiting_requests", "watchdog", "write_errno",
+    "remove_public_base", "seals_of", "serving", "sh", "sh_state_event", "state", "status", "updating",
+    "verify_restored", "waiting_requests", "watchdog", "write_errno",
 ]

@@ -321,6 +321,17 @@ def test_churn_without_events_keeps_the_journal_small(tmp_path: Path, monkeypatc
     assert resumed(tmp_path / "images", store.copy())["instances"].keys() == {"svc"}
 
 
+def close_resumed(m: LiveUpdate, held: dict[str, int]) -> None:
+    """Close what a resume in the test took (its files) and what it left in ``held``."""
+    for inst in m.instances.values():
+        inst.drop_files()
+    for fd in held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def test_a_resumed_machine_gives_no_inode_number_twice(tmp_path: Path) -> None:
     """Instances and files made after the last snapshot are in no machine record: the
     resumed machine's next inode numbers must still be past theirs (a new instance with
@@ -340,10 +351,22 @@ def test_a_resumed_machine_gives_no_inode_number_twice(tmp_path: Path) -> None:
         assert new.ino not in old_instances and new.ino > max(old_instances)
         assert pf.ino not in old_files and pf.ino > max(old_files)
     finally:
-        for inst in r.machine.instances.values():
-            inst.drop_files()
-        for fd in held.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_resumed(r.machine, held)
+
+
+def test_a_file_whose_descriptor_the_store_lost_is_dropped_and_reported(tmp_path: Path) -> None:
+    """Both keepers killed, say: the journal names a descriptor the store no longer holds.
+    That file is reported lost and dropped; every other file resumes."""
+    m, store, _fds = populated(tmp_path)
+    image_dir = tmp_path / "images"
+    state = load(image_dir / JOURNAL_NAME)
+    assert state is not None
+    held = store.copy()
+    gone = state.files["vm", 2]["fd"]
+    os.close(held.pop(gone))
+    r = resume(image_dir, state, held, Policy())
+    try:
+        assert r.lost == ["vm/2"]
+        assert sorted(r.machine.instances["vm"].files) == [1, 3] and sorted(r.machine.instances["db"].files) == [1, 2]
+    finally:
+        close_resumed(r.machine, held)

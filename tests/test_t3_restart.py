@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (ROOT, WAIT_THEN_CREATE, Daemon, abort_connection, fuse_connection, is_mounted, needs_fuse,
-                     serving, until, waiting_requests)
+from harness import (ROOT, WAIT_THEN_CREATE, Daemon, abort_connection, digest, fuse_connection, is_mounted,
+                     make_memfd, needs_fuse, serving, until, waiting_requests)
 
 pytestmark = needs_fuse
 
@@ -122,6 +122,51 @@ def test_files_the_old_daemon_opened_do_not_take_the_new_daemons_handles(daemon:
     finally:
         for f in mine:
             f.close()
+
+
+def test_the_shutdown_hook_of_a_restart_does_not_wait_for_the_next_daemon(daemon: Daemon) -> None:
+    """kexecfs-freeze.service Requires= kexecfs.service, so a restart of the daemon stops the
+    freeze unit and runs its hook while no daemon serves the mount; systemd starts the next
+    daemon only after that stop. A hook that read the mount before looking for a
+    kexec.target job waited for a daemon that waited for it (found under a real systemd)."""
+    daemon.kill()
+    hook = subprocess.run([sys.executable, "-m", "kexecfs", "--mount", str(daemon.mountpoint), "shutdown-hook"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert hook.returncode == 0 and "not a kexec" in hook.stdout, hook.stdout + hook.stderr
+    daemon.start()
+    assert (daemon.mountpoint / "state").read_text() == "normal\n"
+
+
+def test_a_kexec_of_more_files_than_half_the_descriptor_limit_keeps_every_one(tmp_path: Path) -> None:
+    """After a simulated kexec the keeper gets the next boot's memfds. If it still held the
+    old kernel's files, it would need twice the descriptors: 250 files under a limit of 400
+    overflowed it, and the files it could not receive were lost at the next restart (the
+    bench found this with 10,000 files under 20,000)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    count = 250
+    d = Daemon(mnt, tmp_path / "images", tmp_path / "daemon.log", nofile=400)
+    with serving(d):
+        (mnt / "svc").mkdir()
+        fds = [make_memfd(f"f{t}", 4096, seed=t) for t in range(count)]
+        expected = [digest(fd) for fd in fds]
+        try:
+            with open(mnt / "svc" / "fd_preserve", "w") as preserve:
+                for t, fd in enumerate(fds):
+                    preserve.write(f"{fd} {t}\n")
+                    preserve.flush()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for event in ("prepare", "freeze", "kexec"):
+            (mnt / "state").write_text(event + "\n")
+        d.kill()
+        d.start()
+        assert "lost" not in d.log_text() and "not received" not in d.log_text(), d.log_text()[-2000:]
+        assert len((mnt / "svc" / "fd_preserve").read_text().splitlines()) == count
+        for t in range(count):
+            assert digest(mnt / "svc" / "fds" / str(t)) == expected[t], f"token {t}"
 
 
 def test_the_daemon_that_mounted_is_not_the_one_that_unmounts(daemon: Daemon, container: Container) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, Update, is_mounted, keeper_holdings, needs_fuse, stored_files, until
+from harness import ROOT, Update, is_mounted, keeper_holdings, needs_fuse, stored_files, until, updating
 
 pytestmark = needs_fuse
 
@@ -94,14 +94,8 @@ class Service:
 
 @pytest.fixture
 def update(tmp_path: Path) -> Iterator[Update]:
-    u = Update(Service(tmp_path), tmp_path)  # type: ignore[arg-type]
-    try:
+    with updating(Update(Service(tmp_path), tmp_path)) as u:  # type: ignore[arg-type]
         yield u
-    finally:
-        u.close()
-        u.daemon.stop()
-    bad = u.daemon.unexpected_tracebacks()
-    assert not bad, "the daemon logged unexpected tracebacks:\n" + "\n".join(bad)
 
 
 def upgraded_package(tmp_path: Path) -> Path:

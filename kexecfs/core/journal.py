@@ -409,6 +409,17 @@ class Journal:
         self.pending, self.on_success, self.on_failure = [], [], []
         if m is not self.machine:
             old = ({}, {}, None)  # another machine's files: keep each anew
+            if self.machine is not None and self.machine.intent == "kexec" and self.machine.state.word == "frozen":
+                # The next boot of a simulated kexec from a committed image: the journal says
+                # so already (the intent), and a restart from here recovers from the image,
+                # needing none of the old kernel's descriptors. Released first, so that the
+                # store holds both kernels' files no longer than it must: a store in one
+                # process could pass its RLIMIT_NOFILE, and a descriptor it cannot receive
+                # is not kept. (Keepers hold the next boot's files already, parked by the
+                # recovery; they are sharded, so no one process holds both kernels' files.)
+                for name in sorted(old_names):
+                    self._release(name)
+                old_names = set()
         self.machine, self.names, self.users, self.by_inode = m, {}, {}, {}
         files = []
         for inst in m.instances.values():

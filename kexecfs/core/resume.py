@@ -73,7 +73,7 @@ def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: P
                         max_bytes=rec["max_bytes"], finished=rec["finished"], incoming=rec["incoming"],
                         session=rec["session"])
         m.instances[inst.name] = m.by_ino[inst.ino] = inst
-    names, lost = _files(m, state, held, cache)
+    names, missing = _files(m, state, held, cache)
     # Instances and files made since the last machine record (preserves and mkdirs journal
     # no machine record) must not have their inode numbers given out again.
     m.next_ino = max([m.next_ino] + [i.ino + INO_STRIDE for i in m.instances.values()])
@@ -88,41 +88,55 @@ def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: P
         log.info("the previous daemon died during %s: resumed %s it (state %s)", intent,
                  "after" if after else "before", m.state.word)
         if after and intent == "kexec":
-            m, stale, names = _next_boot(m, park), sorted(set(names.values())), {}
+            # The old kernel's descriptors are not needed (and may be released already, see
+            # Journal.rewrite): its files only lend their inode numbers to the next boot's.
+            m, stale, names, missing = _next_boot(m, park), sorted(set(names.values())), {}, []
         elif after and intent == "finish":
             stale = sorted(set(names.values()) - {names[i.ino, t] for i in m.instances.values() for t in i.files
                                                   if (i.ino, t) in names})
             names = {k: v for k, v in names.items() if v not in stale}
+    lost = _drop_missing(missing)
     if m.state is State.PREPARED:
         _prepare_again(m)
     return Resumed(m, names, state.next_name, requests, lost, stale)
 
 
+Missing = list[tuple[Instance, int, str]]  # files whose descriptor the store does not hold: instance, token, name
+
+
+def _drop_missing(missing: Missing) -> list[str]:
+    """Files journaled but not in the store are lost: dropped, each with a log line."""
+    for inst, token, name in missing:
+        log.error("instance %r token %d: the store has no descriptor %r; the file is lost", inst.name, token, name)
+        del inst.files[token]
+    return [f"{inst.name}/{token}" for inst, token, _name in missing]
+
+
 def _files(m: LiveUpdate, state: JournalState, held: dict[str, int],
-           cache: DescriptorCache | None) -> tuple[dict[tuple[int, int], str], list[str]]:
+           cache: DescriptorCache | None) -> tuple[dict[tuple[int, int], str], Missing]:
     names: dict[tuple[int, int], str] = {}
     taken: set[str] = set()
-    lost = []
+    missing: Missing = []
     for (instance, token), rec in state.files.items():
         inst, kind = m.instances.get(instance), KINDS.get(rec["kind"])
         if inst is None or kind is None:
             continue
         name = rec.get("fd")
-        fd = -1
+        fd, stored = -1, None
         if name is not None:
             if name not in held:
-                lost.append(f"{instance}/{token}")
-                log.error("instance %r token %d: the store has no descriptor %r; the file is lost", instance, token,
-                          name)
-                continue
-            if held[name] >= 0:
-                # One open file preserved twice is stored once: each file holds its own descriptor.
-                fd = os.dup(held[name]) if name in taken else held[name]
-            taken.add(name)
-            names[inst.ino, token] = name
+                missing.append((inst, token, name))  # kept listed until resume knows if it matters
+            else:
+                if held[name] >= 0:
+                    # One open file preserved twice is stored once: each file holds its own descriptor.
+                    fd = os.dup(held[name]) if name in taken else held[name]
+                else:
+                    stored = name  # the store keeps it; fetched through the cache when needed
+                taken.add(name)
+                names[inst.ino, token] = name
         pf = PreservedFile(token, kind, fd, rec["record"], recovered=rec["recovered"], opened=rec["opened"])
-        if name is not None and fd < 0:
-            pf.stored, pf.cache = name, cache
+        if stored is not None:
+            pf.stored, pf.cache = stored, cache
         if rec.get("inode"):
             pf.inode = (rec["inode"][0], rec["inode"][1])
         pf.ino = rec["ino"]
@@ -131,7 +145,7 @@ def _files(m: LiveUpdate, state: JournalState, held: dict[str, int],
         inst.files[token] = pf
     for name in taken:
         del held[name]
-    return names, lost
+    return names, missing
 
 
 def _ours(m: LiveUpdate) -> bool:

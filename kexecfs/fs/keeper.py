@@ -132,8 +132,16 @@ class Keeper:
         try:
             text, fds = receive(sock) if events & select.POLLIN else ("", [])
         except OSError as exc:
-            log.warning("keeper: %s", exc)
-            text, fds = "", []
+            if exc.errno != errno.EMSGSIZE:
+                log.warning("keeper: %s", exc)
+                text, fds = "", []
+            else:
+                # A descriptor the kernel could not install: this keeper is at its RLIMIT_NOFILE.
+                # Hanging up would only make the daemon start another keeper that fails alike.
+                log.error("keeper: a descriptor sent to it was not received (it holds %d; RLIMIT_NOFILE %d): "
+                          "that file is not kept across a restart", len(self.held),
+                          resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                return
         if not text:
             self._hang_up(sock)
             return

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Counts, Daemon, Update, Writer, needs_fuse
+from harness import Counts, Daemon, Update, Writer, needs_fuse, updating
 
 pytestmark = needs_fuse
 
@@ -28,14 +28,8 @@ pytestmark = needs_fuse
 def update(tmp_path: Path) -> Iterator[Update]:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    u = Update(Daemon(mnt, tmp_path / "images", tmp_path / "daemon.log"), tmp_path)
-    try:
+    with updating(Update(Daemon(mnt, tmp_path / "images", tmp_path / "daemon.log"), tmp_path)) as u:
         yield u
-    finally:
-        u.close()
-        u.daemon.stop()
-    bad = u.daemon.unexpected_tracebacks()
-    assert not bad, "the daemon logged unexpected tracebacks:\n" + "\n".join(bad)
 
 
 # Each step of an update, and the fault points a crash in it can hit. The daemon is
