@@ -200,7 +200,7 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
         _release(store, held)
         return machine
     journal = Journal(image_dir, store, kernel)
-    state = _journal(image_dir)
+    state = _journal(image_dir, kernel)
     if state is not None and conn.adopted and state.machine.get("kernel_boot_id") == kernel:
         resumed = resume(image_dir, state, held, policy, on_progress)
         machine = resumed.machine
@@ -228,10 +228,10 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
     return machine
 
 
-def _journal(image_dir: Path) -> JournalState | None:
+def _journal(image_dir: Path, kernel: str) -> JournalState | None:
     path = image_dir / JOURNAL_NAME
     try:
-        return load(path)
+        return load(path, kernel)
     except JournalDamaged as exc:
         aside = path.with_name(f"{JOURNAL_NAME}.damaged")
         os.replace(path, aside)
