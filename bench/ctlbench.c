@@ -1,10 +1,9 @@
-/* ctlbench: latency of kexecfs control-plane operations, several targets interleaved.
+/* ctlbench: latency of one kexecfs control-plane operation, repeated.
  *
- *   ctlbench N -- OP ARGS... [-- OP ARGS...]...
+ *   ctlbench N -- OP ARGS...
  *
- * Each "-- OP ARGS" group is a target (kexecfs, the floor filesystem, tmpfs). Every
- * iteration runs each target's operation once, in turn, so that whatever else the
- * machine does slows all targets alike. Operations:
+ * The target (kexecfs, the floor filesystem, tmpfs) is the path in ARGS. The bench runs
+ * one short burst per target in turn (bench/controlplane.py says why bursts). Operations:
  *
  *   cat PATH             open(O_RDONLY) + read() until EOF + close(), as cat(1) does
  *   stat PATH            stat()
@@ -14,8 +13,8 @@
  *   ioctl_preserve PATH TOKEN   FD_PRESERVE then FD_UNPRESERVE of one memfd; two columns
  *   fionread PATH        ioctl(FIONREAD) on a file opened once (a cheap ioctl for tmpfs)
  *
- * After WARMUP untimed iterations, prints one line per iteration: each target's
- * latency in nanoseconds (two numbers for the two-step operations), in target order.
+ * After WARMUP untimed iterations, prints one line per iteration: the latency in
+ * nanoseconds (two numbers for the two-step operations).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -33,7 +32,6 @@
 #include "kexecfs.h" /* the ioctl numbers and struct liveupdate_fd (built with -I include) */
 
 #define WARMUP 50
-#define MAX_TARGETS 8
 
 struct target {
     const char *op;
@@ -78,18 +76,18 @@ static int new_memfd(void)
     return fd;
 }
 
-/* Opens what the operation keeps open; returns the number of columns. */
-static int setup(struct target *t)
+/* Opens what the operation keeps open. */
+static void setup(struct target *t)
 {
     char path[4096];
     t->fd = t->fd2 = t->memfd = -1;
     if (t->nargs < 1)
         goto usage;
     if (!strcmp(t->op, "cat") || !strcmp(t->op, "stat"))
-        return 1;
+        return;
     if (!strcmp(t->op, "ioctl_state") || !strcmp(t->op, "fionread")) {
         t->fd = xopen(t->arg[0], O_RDONLY);
-        return 1;
+        return;
     }
     if (t->nargs < 2)
         goto usage;
@@ -101,12 +99,12 @@ static int setup(struct target *t)
         t->memfd = new_memfd();
         snprintf(t->text, sizeof t->text, "%d %s\n", t->memfd, t->arg[1]);
         snprintf(t->text2, sizeof t->text2, "%s\n", t->arg[1]);
-        return 2;
+        return;
     }
     if (!strcmp(t->op, "ioctl_preserve")) {
         t->fd = xopen(t->arg[0], O_RDONLY);
         t->memfd = new_memfd();
-        return 2;
+        return;
     }
 usage:
     fprintf(stderr, "ctlbench: bad operation %s (or missing arguments)\n", t->op);
@@ -164,44 +162,23 @@ static long long run(struct target *t, long long *second)
 
 int main(int argc, char **argv)
 {
-    struct target targets[MAX_TARGETS];
-    int ntargets = 0;
     static char out[1 << 20];
     if (argc < 4 || strcmp(argv[2], "--")) {
-        fprintf(stderr, "usage: ctlbench N -- OP ARGS... [-- OP ARGS...]...\n");
+        fprintf(stderr, "usage: ctlbench N -- OP ARGS...\n");
         return 2;
     }
     long n = atol(argv[1]);
-    for (int i = 2; i < argc; i++) {
-        if (!strcmp(argv[i], "--")) {
-            if (ntargets == MAX_TARGETS || i + 1 >= argc) {
-                fprintf(stderr, "ctlbench: too many targets or an empty one\n");
-                return 2;
-            }
-            targets[ntargets].op = argv[i + 1];
-            targets[ntargets].arg = &argv[i + 2];
-            targets[ntargets].nargs = 0;
-            ntargets++;
-            i++;
-        } else {
-            targets[ntargets - 1].nargs++;
-        }
-    }
-    for (int k = 0; k < ntargets; k++)
-        setup(&targets[k]);
+    struct target t = { .op = argv[3], .arg = &argv[4], .nargs = argc - 4 };
+    setup(&t);
     setvbuf(stdout, out, _IOFBF, sizeof out);
     for (long i = -WARMUP; i < n; i++) {
-        long long first[MAX_TARGETS], second[MAX_TARGETS];
-        for (int k = 0; k < ntargets; k++)
-            first[k] = run(&targets[k], &second[k]);
+        long long second, first = run(&t, &second);
         if (i < 0)
             continue;
-        for (int k = 0; k < ntargets; k++) {
-            printf(k ? " %lld" : "%lld", first[k]);
-            if (second[k] >= 0)
-                printf(" %lld", second[k]);
-        }
-        putchar('\n');
+        if (second >= 0)
+            printf("%lld %lld\n", first, second);
+        else
+            printf("%lld\n", first);
     }
     return 0;
 }

@@ -3,7 +3,7 @@
 Same stack as kexecfs (pyfuse3 + trio + the kexecfs._fusehook C extension, loaded
 before pyfuse3 so that FUSE_IOCTL works), same FUSE options (default_permissions,
 allow_other), same open flags (direct_io, no keep_cache) and the same entry/attribute
-timeouts (1 s, 0 for ``fds/<token>``). Every handler does the least it can: constant
+timeouts (1 s; for ``fds/<token>`` entries 0 and attributes 1 ms). Every handler does the least it can: constant
 texts, writes accepted and dropped, ioctls answered synchronously from the hook's
 callback. The tree mirrors kexecfs's, so the benchmark client uses the same paths::
 
@@ -44,7 +44,7 @@ TAKE = bool(os.environ.get("FLOOR_TAKE"))
 TEXT = {2: b"normal\n", 4: b"state: normal\n", 17: b"normal\n", 18: b""}
 NOW = time.time_ns()
 
-# inode: (name, parent, mode, timeout)
+# inode: (name, parent, mode, entry timeout); fds/<token>'s attributes: kexecfs's TOKEN_ATTR_TIMEOUT
 TREE = {
     1: ("", 1, stat.S_IFDIR | 0o755, TIMEOUT),
     2: ("state", 1, stat.S_IFREG | 0o644, TIMEOUT),
@@ -72,7 +72,8 @@ def _make_attrs(ino: int) -> pyfuse3.EntryAttributes:
     a.st_nlink = 2 if stat.S_ISDIR(mode) else 1
     a.st_size = 1 << 20 if ino == 1 << 48 else 0
     a.st_blksize = 4096
-    a.entry_timeout = a.attr_timeout = timeout
+    a.entry_timeout = timeout
+    a.attr_timeout = timeout or 0.001
     a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = NOW
     return a
 

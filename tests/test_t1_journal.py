@@ -100,7 +100,7 @@ def resumed(image_dir: Path, held: dict[str, int]) -> dict[str, Any]:
     descriptors it takes; they are closed after (hundreds of resumes run in one process)."""
     copy = image_dir.with_name(f"{image_dir.name}-restart-{next(_copies)}")
     shutil.copytree(image_dir, copy)
-    state = load(copy / JOURNAL_NAME)
+    state = load(copy / JOURNAL_NAME, KERNEL)
     assert state is not None, "no journal"
     try:
         r = resume(copy, state, held, Policy())
@@ -192,7 +192,29 @@ def test_a_damaged_frame_before_the_last_is_refused(tmp_path: Path) -> None:
     data[len(journal_mod.PREAMBLE) + journal_mod.FRAME.size + 3] ^= 0xFF  # inside the first frame
     path.write_bytes(bytes(data))
     with pytest.raises(JournalDamaged):
-        load(path)
+        load(path, KERNEL)
+
+
+def test_another_boots_journal_is_read_up_to_its_snapshot_only(tmp_path: Path) -> None:
+    """Frames after the snapshot are not fsync'd: a power loss may leave them zeroed. Read
+    by another boot (which only reports what it was), they are not read at all, so they
+    can neither fail the load nor count."""
+    m, store, _ = populated(tmp_path)
+    path = tmp_path / "images" / JOURNAL_NAME
+    m.preserve(m.instances["vm"], ROOT, memfd(b"after the snapshot"), 7)
+    snapshot = load(path, KERNEL)
+    assert snapshot is not None and ("vm", 7) in snapshot.files
+    first = len(journal_mod.PREAMBLE) + journal_mod.FRAME.size + journal_mod.FRAME.unpack_from(
+        path.read_bytes(), len(journal_mod.PREAMBLE))[0]
+    data = bytearray(path.read_bytes())
+    assert len(data) > first, "the preserve wrote no frame after the snapshot"
+    payload = first + journal_mod.FRAME.size
+    data[payload:payload + 4] = bytes(4)  # what a power loss may leave: zeroes, then the rest
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalDamaged):
+        load(path, KERNEL)  # in this boot such a frame is damage, and is refused
+    other = load(path, "another boot")
+    assert other is not None and ("vm", 7) not in other.files and other.machine["kernel_boot_id"] == KERNEL
 
 
 def test_one_open_file_preserved_twice_is_stored_once(tmp_path: Path) -> None:
@@ -217,9 +239,9 @@ def test_a_journal_that_cannot_be_written_fails_the_preserve_and_changes_nothing
     m, store, _ = populated(tmp_path)
     before, names = picture(m), set(store.held)
 
-    def full(fd: int) -> None:
+    def full(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(journal_mod.os, "fdatasync", full)
+    monkeypatch.setattr(journal_mod, "_write_all", full)
     with pytest.raises(Exception) as info:
         m.preserve(m.instances["vm"], ROOT, memfd(b"no room"), 7)
     assert getattr(info.value, "errno", None) == errno.ENOSPC
@@ -292,7 +314,7 @@ def test_a_file_preserved_after_a_restart_gets_a_descriptor_of_its_own(tmp_path:
     (preserve frames do not repeat the machine record that says which name is next)."""
     m, store, _ = populated(tmp_path)
     image_dir = tmp_path / "images"
-    state = load(image_dir / JOURNAL_NAME)
+    state = load(image_dir / JOURNAL_NAME, KERNEL)
     assert state is not None
     r = resume(image_dir, state, store.copy(), Policy())
     again, j = r.machine, Journal(image_dir, store, KERNEL)
@@ -338,7 +360,7 @@ def test_a_resumed_machine_gives_no_inode_number_twice(tmp_path: Path) -> None:
     an old one's number would take its registrations' names in the journal too)."""
     m, store, _fds = populated(tmp_path)  # mkdir and preserves only: frames without a machine record
     image_dir = tmp_path / "images"
-    state = load(image_dir / JOURNAL_NAME)
+    state = load(image_dir / JOURNAL_NAME, KERNEL)
     assert state is not None
     held = store.copy()
     r = resume(image_dir, state, held, Policy())
@@ -359,7 +381,7 @@ def test_a_file_whose_descriptor_the_store_lost_is_dropped_and_reported(tmp_path
     That file is reported lost and dropped; every other file resumes."""
     m, store, _fds = populated(tmp_path)
     image_dir = tmp_path / "images"
-    state = load(image_dir / JOURNAL_NAME)
+    state = load(image_dir / JOURNAL_NAME, KERNEL)
     assert state is not None
     held = store.copy()
     gone = state.files["vm", 2]["fd"]

@@ -296,7 +296,8 @@ async def test_fd_preserve_takes_the_writers_descriptor(kernel: Kernel) -> None:
     assert await kernel.listdir("svc/fds") == ["7"]
     entry = await kernel.lookup("svc/fds/7")
     assert (stat.filemode(entry.st_mode), entry.st_size) == ("-rw-------", 12)
-    assert entry.attr_timeout == 0, "sizes change and tokens come and go"
+    assert entry.entry_timeout == 0, "tokens come and go: every path walk must ask again"
+    assert 0 < entry.attr_timeout <= 0.01, "fresh for the call that looked it up, not beyond (sizes change)"
     assert await fuse_errno(kernel.ops.lookup(await kernel.ino("svc/fds"), b"07", ROOT)) == errno.ENOENT
     for junk in ("five", "1 2 3", "1" * 21):
         assert await fuse_errno(kernel.write("svc/fd_preserve", junk)) == errno.EINVAL, junk

@@ -270,3 +270,37 @@ def test_instance_inode_numbers_are_stable(mnt: Path) -> None:
     assert (mnt / "state").read_text() == "updated\n"
     assert inode_numbers(mnt, "a") == before, "the simulated kexec renumbered 'a'"
     assert (mnt / "a/fds/3").read_bytes() == b"kept across the kexec"
+
+
+def test_a_token_is_looked_up_without_a_getattr(tmp_path: Path) -> None:
+    """A stat of fds/<token> is one LOOKUP, a restore a LOOKUP and an OPEN: the attributes
+    the LOOKUP answered serve the permission check and the stat of the same call (a zero
+    attribute timeout made the kernel ask again with a GETATTR every time, a quarter of a
+    restore's requests). Counted in libfuse's request log; a LOOKUP and its open more than
+    a jiffy apart may still ask, hence the margin."""
+    d = Daemon(tmp_path / "m", tmp_path / "img", tmp_path / "log", ["--debug"])
+    d.mountpoint.mkdir()
+    d.start()
+    try:
+        mnt, token = d.mountpoint, d.mountpoint / "svc/fds/7"
+        sh(f"mkdir {mnt}/svc", check=True)
+        r = with_memfd(f"echo '5 7' > {mnt}/svc/fd_preserve")
+        assert r.returncode == 0, r.stderr
+        ino, times = os.stat(token).st_ino, 20
+
+        def requests_during(action) -> list[str]:
+            before = d.log_text().count(f"nodeid: {ino},")
+            for _ in range(times):
+                action()
+            return [line.split("opcode: ")[1].split()[0] for line in d.log_text().splitlines()
+                    if f"nodeid: {ino}," in line][before:]
+
+        stats = requests_during(lambda: os.stat(token))
+        assert stats.count("GETATTR") <= times // 4, f"a GETATTR per stat: {stats}"
+        sh(f"for e in prepare freeze kexec; do echo $e > {mnt}/state; done", check=True)
+        assert os.stat(token).st_ino == ino
+        opens = requests_during(lambda: os.close(os.open(token, os.O_RDONLY)))
+        assert opens.count("OPEN") == times, opens
+        assert opens.count("GETATTR") <= times // 4, f"a GETATTR per open: {opens}"
+    finally:
+        d.stop()

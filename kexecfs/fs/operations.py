@@ -54,6 +54,12 @@ def file_handle(uid: int, number: int, session: bool = False) -> int:
     return (uid << 32) | (SESSION_FH if session else 0) | ((number - 1) % (SESSION_FH - 1) + 1)
 DIR_TIMEOUT = 1.0  # directory entries and attributes change only through this daemon
 READDIR_PREFETCH = 64  # fds/ entries a readdir reply holds, about (each with its attributes)
+# fds/<token>: entries time out at once (tokens come and go, so every path walk asks
+# again), and attributes after a jiffy. Not 0: the kernel takes a zero timeout as
+# "stale already" and follows every LOOKUP with a GETATTR for the permission check of
+# the same open or stat, one request in four of a restore. A size that changes through
+# the FUSE file updates the kernel's copy itself; one changed behind it shows a jiffy late.
+TOKEN_ATTR_TIMEOUT = 0.001
 READY = select.POLLIN | select.POLLPRI | select.POLLERR
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -236,7 +242,7 @@ class KexecfsOperations(pyfuse3.Operations):
         if pf is not None:
             a.st_mode = stat.S_IFREG | pf.permission_bits()
             a.st_size = pf.size
-            a.entry_timeout = a.attr_timeout = 0  # sizes change and tokens come and go
+            a.entry_timeout, a.attr_timeout = 0, TOKEN_ATTR_TIMEOUT
         elif node is None and inst is None:
             a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2 + len(self.machine.instances)
         elif node is None:

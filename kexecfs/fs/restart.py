@@ -220,7 +220,7 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
     # Names new files get are past every name the store holds (recovery parks files before
     # any journal frame: a name the journal does not give yet must not be one in use).
     journal.next_name = 1 + max((int(n[1:]) for n in held if n[:1] == "f" and n[1:].isdigit()), default=-1)
-    state = _journal(image_dir)
+    state = _journal(image_dir, kernel)
     if state is not None and conn.adopted and state.machine.get("kernel_boot_id") == kernel:
         journal.next_name = max(journal.next_name, state.next_name)
         resumed = resume(image_dir, state, held, policy, on_progress, cache, journal.park)
@@ -250,10 +250,10 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
     return machine
 
 
-def _journal(image_dir: Path) -> JournalState | None:
+def _journal(image_dir: Path, kernel: str) -> JournalState | None:
     path = image_dir / JOURNAL_NAME
     try:
-        return load(path)
+        return load(path, kernel)
     except JournalDamaged as exc:
         aside = path.with_name(f"{JOURNAL_NAME}.damaged")
         os.replace(path, aside)
