@@ -79,6 +79,10 @@ class DescriptorCache:
     def __len__(self) -> int:
         return len(self._fds)
 
+    def __contains__(self, name: str) -> bool:
+        """Whether a copy of ``name`` is at hand (no round trip to the store to use it)."""
+        return name in self._fds
+
     @contextmanager
     def use(self, name: str) -> Iterator[int]:
         with self._lock:

@@ -14,12 +14,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .descriptors import DescriptorCache, warmed
+from .descriptors import DescriptorCache, prefetch, warmed
 from .errors import KexecfsError, fail
 from .kinds import Kind, access_flags
 from .names import session_name
 
 TOKEN_MAX = (1 << 64) - 1
+# Descriptors fetched with the one a restore needs: its next tokens' (at most half the
+# cache, see DescriptorCache.prefetch). Probed token by token, so sparse tokens get fewer.
+RESTORE_PREFETCH = 64
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ class PreservedFile:
                 st = os.fstat(fd)
             self.inode = (st.st_dev, st.st_ino)
         return self.inode
+
+    @property
+    def at_hand(self) -> bool:
+        """Whether using the descriptor needs no round trip to the store."""
+        return self.fd >= 0 or self.stored is None or self.cache is None or self.stored in self.cache
 
     def hand_over(self, name: str, cache: DescriptorCache) -> None:
         """The store holds the descriptor under ``name`` now: the daemon's own becomes a
@@ -236,6 +244,16 @@ class Instance:
             return self.files[token]
         except KeyError:
             raise fail(errno.ENOENT, f"instance {self.name!r} has no preserved file with token {token}") from None
+
+    def warm_from(self, token: int) -> None:
+        """Before the file of ``token`` is used: if its descriptor is not at hand, fetch it
+        together with those of the next tokens, in one round trip to the store. After a
+        kexec a service restores its files one after another, in token order as a rule
+        (and every file it does not restore is dropped at finish): a restore walk then
+        costs one round trip per batch, not one per file."""
+        pf = self.files.get(token)
+        if pf is not None and not pf.at_hand:
+            prefetch([f for t in range(token, token + RESTORE_PREFETCH) if (f := self.files.get(t)) is not None])
 
     def listing(self) -> str:
         return "".join(pf.line() + "\n" for pf in warmed(self.files[t] for t in sorted(self.files)))

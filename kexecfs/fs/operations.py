@@ -297,7 +297,13 @@ class KexecfsOperations(pyfuse3.Operations):
             if parent_inode == ROOT_INO or inst is None:
                 return self._attrs(ROOT_INO)
             return self._attrs(inst.ino if parent_inode != inst.ino else ROOT_INO)
-        return self._attrs(self._child(parent_inode, text))
+        ino = self._child(parent_inode, text)
+        _node, inst, pf = self._resolve(ino)
+        if pf is not None:
+            # The first request of each restore (and of each stat): its attributes need the
+            # file's descriptor, and the next tokens' are likely needed next.
+            inst.warm_from(pf.token)  # type: ignore[union-attr]
+        return self._attrs(ino)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
