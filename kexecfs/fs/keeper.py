@@ -15,7 +15,8 @@ the standard library (and kexecfs.systemd's journal client, itself no more, to l
 the journal as the daemon does), never reads or writes the files it holds, and knows no FUSE. It
 exits when the filesystem ends: when the daemon says so (``END``, after an unmount), or
 when the connection dies under it (``/dev/fuse`` reports POLLERR once the kernel has
-aborted the connection, e.g. after ``umount`` while no daemon ran). A keeper that never
+aborted the connection, e.g. after ``umount`` while no daemon ran; looked at every
+second). A keeper that never
 got a connection exits with its last client.
 
 Protocol: a SOCK_SEQPACKET unix socket in the image directory (0700, and the peer must be
@@ -60,6 +61,11 @@ CONNECTION_NAMES = frozenset({CONNECTION, "fuse-init"})  # the connection's; eve
 BATCH = 250  # descriptors per message (the kernel's SCM_MAX_FD is 253)
 MESSAGE = 1 << 16
 _HUNG_UP = select.POLLERR | select.POLLHUP | select.POLLNVAL
+# How often (ms) a keeper looks whether the connection ended. Not by waiting on it with
+# the sockets: /dev/fuse wakes every poller of it at each request the kernel queues,
+# whatever events it asked for, and each woken keeper cost tens of microseconds of CPU
+# per request of the mount, times the keepers (two per shard) on the daemon's cores.
+CONNECTION_CHECK_MS = 1000
 
 
 def socket_address(path: Path) -> str:
@@ -101,18 +107,19 @@ class Keeper:
         self.serving: socket.socket | None = None  # the daemon that said HELLO last
         self.poller = select.poll()
         self.poller.register(listener, select.POLLIN)
+        self.connection = select.poll()  # the connection alone, looked at without waiting (see CONNECTION_CHECK_MS)
         self.done = False
 
     def run(self) -> None:
         while not self.done:
-            for fd, events in self.poller.poll():
+            for fd, events in self.poller.poll(CONNECTION_CHECK_MS):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif fd in self.clients:
                     self._serve(self.clients[fd], events)
-                elif self.held.get(CONNECTION) == fd and events & _HUNG_UP:
-                    log.info("keeper: the FUSE connection ended; releasing %d descriptor(s)", len(self.held))
-                    self.done = True
+            if CONNECTION in self.held and any(ev & _HUNG_UP for _fd, ev in self.connection.poll(0)):
+                log.info("keeper: the FUSE connection ended; releasing %d descriptor(s)", len(self.held))
+                self.done = True
             if not self.clients and CONNECTION not in self.held:
                 log.info("keeper: no connection was ever kept and no daemon is left; exiting")
                 self.done = True
@@ -180,12 +187,12 @@ class Keeper:
             self._forget(name)
         self.held[name] = fd
         if name == CONNECTION:
-            self.poller.register(fd, 0)  # POLLERR and POLLHUP are reported unasked
+            self.connection.register(fd, 0)  # POLLERR and POLLHUP are reported unasked
 
     def _forget(self, name: str) -> None:
         fd = self.held.pop(name)
         if name == CONNECTION:
-            self.poller.unregister(fd)
+            self.connection.unregister(fd)
         os.close(fd)
 
     def _fetch(self, sock: socket.socket) -> None:
