@@ -69,6 +69,41 @@ def test_a_pinned_descriptor_outlives_evictions_by_others() -> None:
         store.close()
 
 
+class FlakyStore(Store):
+    """A store whose first fetch of each name fails (a keeper that died mid-answer)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.failed: set[str] = set()
+
+    def fetch(self, name: str) -> int:
+        if name not in self.failed:
+            self.failed.add(name)
+            raise ConnectionResetError("keeper hung up")
+        return super().fetch(name)
+
+
+def test_a_fetch_that_fails_leaves_its_name_unpinned() -> None:
+    store = FlakyStore(20)
+    cache = DescriptorCache(store, size=4)
+    try:
+        try:
+            with cache.use("f0"):
+                raise AssertionError("the fetch should have failed")
+        except ConnectionResetError:
+            pass
+        with cache.use("f0") as fd:
+            assert os.pread(fd, 8, 0) == b"0"
+        for i in range(1, 20):
+            store.failed.add(f"f{i}")
+            with cache.use(f"f{i}"):
+                pass
+        assert "f0" not in cache, "a pin left by the failed fetch would keep it forever"
+    finally:
+        cache.clear()
+        store.close()
+
+
 def test_threads_share_one_copy_and_the_bound() -> None:
     store = Store(50)
     cache = DescriptorCache(store, size=8)

@@ -21,7 +21,6 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -34,10 +33,13 @@ def warmed(items: Iterable[T], file: Callable[[T], Any] = lambda x: x) -> Iterat
     """``items`` in order, the stored descriptors of each batch's files (``file(item)``, a
     PreservedFile) prefetched first: for code that uses the descriptor of every file in turn."""
     batch: list[T] = []
+    room = 1
     for item in items:
+        if not batch:
+            cache = file(item).cache
+            room = cache.size // 2 if cache is not None else 1
         batch.append(item)
-        cache = file(batch[0]).cache
-        if len(batch) >= (cache.size // 2 if cache is not None else 1):
+        if len(batch) >= room:
             prefetch([file(i) for i in batch])
             yield from batch
             batch = []
@@ -51,6 +53,30 @@ def prefetch(files: list[Any]) -> None:
     if stored:
         cache = stored[0].cache
         cache.prefetch(pf.stored for pf in stored if pf.cache is cache)
+
+
+class _Use:
+    """One use of a cached descriptor (:meth:`DescriptorCache.use`). A class rather than a
+    generator context manager: a walk over every file (prepare, freeze) takes it once per
+    file, and the generator's frames cost more than the lookup itself."""
+
+    __slots__ = ("cache", "name")
+
+    def __init__(self, cache: DescriptorCache, name: str) -> None:
+        self.cache, self.name = cache, name
+
+    def __enter__(self) -> int:
+        fd = self.cache._pin(self.name)
+        if fd is None:
+            try:
+                fd = self.cache._fetch(self.name)
+            except BaseException:
+                self.cache._unpin(self.name)
+                raise
+        return fd
+
+    def __exit__(self, *exc: object) -> None:
+        self.cache._unpin(self.name)
 
 
 class Fetching(Protocol):
@@ -83,23 +109,25 @@ class DescriptorCache:
         """Whether a copy of ``name`` is at hand (no round trip to the store to use it)."""
         return name in self._fds
 
-    @contextmanager
-    def use(self, name: str) -> Iterator[int]:
+    def use(self, name: str) -> _Use:
+        """``with cache.use(name) as fd``: ``name``'s descriptor, fetched if need be, and
+        pinned until the block ends."""
+        return _Use(self, name)
+
+    def _pin(self, name: str) -> int | None:
         with self._lock:
             fd = self._fds.get(name)
             if fd is not None:
                 self._fds.move_to_end(name)
             self._pins[name] = self._pins.get(name, 0) + 1
-        try:
-            if fd is None:
-                fd = self._fetch(name)
-            yield fd
-        finally:
-            with self._lock:
-                self._pins[name] -= 1
-                if not self._pins[name]:
-                    del self._pins[name]
-                self._evict()
+            return fd
+
+    def _unpin(self, name: str) -> None:
+        with self._lock:
+            self._pins[name] -= 1
+            if not self._pins[name]:
+                del self._pins[name]
+            self._evict()
 
     def _fetch(self, name: str) -> int:
         fd = self.source.fetch(name)  # outside the lock: a round trip to a keeper

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,15 +71,12 @@ class PreservedFile:
         """Whether the file has a descriptor (the daemon's or the store's)."""
         return self.fd >= 0 or (self.stored is not None and self.cache is not None)
 
-    @contextmanager
-    def descriptor(self) -> Iterator[int]:
+    def descriptor(self) -> AbstractContextManager[int]:
         """The file's descriptor for the time of the block (-1 if it has none); a stored
         one is fetched into the cache and may be closed once the block ends."""
         if self.fd >= 0 or self.stored is None or self.cache is None:
-            yield self.fd
-            return
-        with self.cache.use(self.stored) as fd:
-            yield fd
+            return nullcontext(self.fd)
+        return self.cache.use(self.stored)
 
     def inode_key(self) -> tuple[int, int] | None:
         if self.inode is None and self.held:
