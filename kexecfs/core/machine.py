@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import enum
 import errno
+import gc
 import logging
 import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,25 @@ class State(enum.Enum):
 EVENTS = abi.EVENTS
 #: Events whose work copies or recovers contents: run in a thread while reads go on.
 SLOW_EVENTS = frozenset({"prepare", "freeze", "kexec"})
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused for the block: prepare, freeze and a recovery
+    (the blackout is the last two). A machine of 100,000 files is millions of objects,
+    and every full collection that their allocations set off scanned them all: at the
+    bench's scale point 16 % of prepare and freeze, 28 % of a simulated kexec. Reference
+    counting still frees what they drop; the collector runs again after, and looks at
+    what they made once instead of at every collection they set off. (A block in another
+    thread meanwhile is paused until the first one to start ends.)"""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @dataclass(frozen=True)
@@ -444,7 +465,7 @@ class LiveUpdate:
             raise
         body = getattr(self, f"_{event}")
 
-        def work() -> None:
+        def perform() -> None:
             before = self.state
             started = time.monotonic()
             outcome = errno.EIO
@@ -477,6 +498,11 @@ class LiveUpdate:
                 self._notify()
             log.info("%s by %s: %s -> %s in %.3f s", event, caller, before.word, self.state.word,
                      time.monotonic() - started, extra={"EVENT": event})
+
+        def work() -> None:
+            # The journal's snapshot at the end (_end_intent) included: it is the event's too.
+            with collector_paused() if event in SLOW_EVENTS else nullcontext():
+                perform()
         return work
 
     def request(self, event: str, caller: Caller, inst: Instance | None = None) -> Callable[[], None]:
@@ -677,6 +703,7 @@ class LiveUpdate:
 
     # ------------------------------------------------------------------ boot and recovery
 
+    @collector_paused()
     def reboot(self) -> LiveUpdate:
         """The machine the next boot of a simulated kexec finds: a new boot id, and
         whatever the image directory alone holds (call after the kexec event). It takes
@@ -718,7 +745,8 @@ class LiveUpdate:
         if not path.exists():
             return machine
         try:
-            machine._recover(path, park)
+            with collector_paused():
+                machine._recover(path, park)
         except Exception as exc:
             # Damaged, or a bug met while recovering: either way the daemon comes up (a crash
             # here would repeat at every restart), and the image is kept for a fixed kexecfs.

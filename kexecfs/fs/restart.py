@@ -39,7 +39,7 @@ import trio
 
 from ..core.descriptors import DescriptorCache
 from ..core.journal import JOURNAL_NAME, Journal, JournalDamaged, JournalState, NoJournal, load
-from ..core.machine import LiveUpdate, Policy, kernel_boot_id
+from ..core.machine import LiveUpdate, Policy, collector_paused, kernel_boot_id
 from ..core.resume import resume
 from . import fusehook
 from .fdstore import DescriptorStore, KeeperStore
@@ -242,7 +242,8 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
     _release(store, held)
     machine.record = journal
     try:
-        journal.rewrite(machine)
+        with collector_paused():  # after a real kexec, part of the blackout (see collector_paused)
+            journal.rewrite(machine)
     except Exception as exc:  # a full disk must not keep the daemon from serving
         machine.record = NoJournal()
         machine.last_error = f"journal: {exc}; a restart of this daemon will lose what it holds"
