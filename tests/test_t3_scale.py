@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import Daemon, keeper_holdings, needs_fuse, serving, stored_files
+from harness import Daemon, keeper_holdings, needs_fuse, serving, stored_files, until
+from kexecfs.fs.fdstore import KeeperStore
 
 pytestmark = needs_fuse
 
@@ -113,3 +114,28 @@ def test_an_update_of_more_files_than_the_daemons_descriptor_limit(daemon: Daemo
     # Finish keeps the restored files only: 572 of them, still in the keepers.
     assert len(stored_files(d.image_dir)) == 572
     assert "LOST" not in d.log_text() and "EMFILE" not in d.log_text()
+
+
+def test_a_release_of_many_files_is_one_message_per_shard_and_batch(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A simulated kexec lets go of every file of the old kernel at once. One REMOVE per
+    file and keeper was 200,000 messages at 100,000 files, each sent by the daemon and read
+    by a keeper on its own (an eighth of the kexec); now 250 names go in each."""
+    store = KeeperStore(tmp_path, capacity=300)  # two shards of 300 files
+    fds = [os.memfd_create(f"f{i}", os.MFD_CLOEXEC) for i in range(600)]
+    try:
+        store.keep_many([(f"f{i}", fd) for i, fd in enumerate(fds)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        until(lambda: sum(map(len, keeper_holdings(tmp_path).values())) == 1200, "every file in two keepers")
+        sent: list[str] = []
+        send = store._send
+        monkeypatch.setattr(store, "_send", lambda member, text, fds=None: (sent.append(text.split()[0]),
+                                                                           send(member, text, fds)))
+        store.release_many([f"f{i}" for i in range(600)])
+        assert sent.count("REMOVE") == 2 * 2 * 2, "2 shards, 2 keepers each, 300 names in 2 messages"
+        until(lambda: not any(keeper_holdings(tmp_path).values()), "the keepers let go of every file", timeout=10)
+    finally:
+        store.end()

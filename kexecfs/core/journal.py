@@ -324,9 +324,20 @@ class Journal:
                 self._release(name)
 
     def _release(self, name: str) -> None:
-        self.store.release(name)
+        self._release_all([name])
+
+    def _release_all(self, names: list[str]) -> None:
+        """Let the store go of ``names``: in batches where it can (keepers), since a
+        simulated kexec lets go of every file of the old kernel at once."""
+        release_many = getattr(self.store, "release_many", None)
+        if release_many is not None:
+            release_many(names)
+        else:
+            for name in names:
+                self.store.release(name)
         if self.cache is not None:
-            self.cache.forget(name)
+            for name in names:
+                self.cache.forget(name)
 
     def park(self, pf: PreservedFile) -> None:
         """A file recovered from an image goes to the store, under a new name that the next
@@ -430,8 +441,7 @@ class Journal:
                 # process could pass its RLIMIT_NOFILE, and a descriptor it cannot receive
                 # is not kept. (Keepers hold the next boot's files already, parked by the
                 # recovery; they are sharded, so no one process holds both kernels' files.)
-                for name in sorted(old_names):
-                    self._release(name)
+                self._release_all(sorted(old_names))
                 old_names = set()
         self.machine, self.names, self.users, self.by_inode = m, {}, {}, {}
         files = []
@@ -460,8 +470,7 @@ class Journal:
             raise _journal_error(exc) from None
         for action in on_success:
             action()
-        for name in sorted(old_names - set(self.users)):
-            self._release(name)
+        self._release_all(sorted(old_names - set(self.users)))
 
     def _replace(self, data: bytes) -> None:
         tmp = self.path.with_name(f".{JOURNAL_NAME}.tmp")

@@ -114,6 +114,16 @@ class SystemdStore:
         for name, fd in items:
             self.keep(name, fd)
 
+    def release_many(self, names: list[str]) -> None:
+        if self.keepers is None:
+            for name in names:
+                self.release(name)
+            return
+        self.keepers.release_many([n for n in names if self._to_keepers(n)])
+        for name in names:
+            if not self._to_keepers(name):
+                self.release(name)
+
     def retrieve(self) -> dict[str, int]:
         """The descriptors systemd handed over (once: the variables are unset after)."""
         env = self.environ
@@ -486,13 +496,26 @@ class KeeperStore:
             for member in self.members():
                 self._send(member, f"REMOVE {name}")
             return
-        shard = self.where.pop(name, None)
-        if shard is None:
-            return
-        self.counts[shard] -= 1
-        for member in self.shards[shard]:
-            if member is not None:
-                self._send(member, f"REMOVE {name}")
+        self.release_many([name])
+
+    def release_many(self, names: list[str]) -> None:
+        """Let go of files: one REMOVE per shard and batch of 250 to each of its keepers
+        (a simulated kexec releases every file of the old kernel at once)."""
+        by_shard: dict[int, list[str]] = {}
+        for name in names:
+            if name in keeper.CONNECTION_NAMES:
+                self.release(name)
+                continue
+            shard = self.where.pop(name, None)
+            if shard is not None:
+                self.counts[shard] -= 1
+                by_shard.setdefault(shard, []).append(name)
+        for shard, gone in by_shard.items():
+            for member in self.shards[shard]:
+                if member is None:
+                    continue
+                for start in range(0, len(gone), keeper.BATCH):
+                    self._send(member, "REMOVE " + " ".join(gone[start:start + keeper.BATCH]))
 
     def end(self) -> None:
         for member in self.members():

@@ -25,7 +25,7 @@ SCM_RIGHTS::
 
     HELLO <pid>        -> OK <keeper pid> <held>   or  BUSY <pid> (another daemon serves)
     STORE <name>...    one descriptor attached per name (at most BATCH); replaces descriptors of those names
-    REMOVE <name>      closes it
+    REMOVE <name>...   closes those it holds (at most BATCH names a message)
     FETCH              -> FDS <name>... (with those descriptors, at most BATCH a message)..., DONE <n>
     GET <name>...      -> FDS <name>... of those it holds (at most BATCH asked), with their descriptors
     LIST               -> NAMES <name>... (as many messages as needed)..., DONE <n>
@@ -161,8 +161,10 @@ class Keeper:
             os.close(fd)
         if verb == "HELLO":
             self._hello(sock, arg)
-        elif verb == "REMOVE" and arg in self.held:
-            self._forget(arg)
+        elif verb == "REMOVE":
+            for name in arg.split():
+                if name in self.held:
+                    self._forget(name)
         elif verb == "FETCH":
             self._fetch(sock)
         elif verb == "GET":
