@@ -57,7 +57,7 @@ CONTROL_OPS = (
               ("floor", "kexecfs", "floor+take")),
 )
 
-Samples = dict[str, dict[str, list[int]]]  # column -> target -> nanoseconds
+Samples = dict[str, dict[str, list[list[int]]]]  # column -> target -> nanoseconds, one list per round
 
 
 def make_tmpfs_tree(base: Path) -> None:
@@ -110,25 +110,40 @@ def measure(ws: Workspace, mounts: dict[str, Path], rounds: int, per_round: int)
     for r in range(rounds):
         for row in CONTROL_OPS:
             for target in [t for t in turns(TARGETS, r) if t in row.targets]:
+                burst: list[list[int]] = [[] for _ in row.columns]
                 # One line per iteration: nanoseconds, one number per column.
                 for line in run_tool([ws.ctlbench, str(per_round), "--", *row.invocation(target, mounts[target])],
                                      lines=True):
-                    for col, value in zip(row.columns, line.split()):
-                        samples[col][target].append(int(value))
+                    for values, value in zip(burst, line.split()):
+                        values.append(int(value))
+                for col, values in zip(row.columns, burst):
+                    samples[col][target].append(values)
     return samples
 
 
 def summarize(samples: Samples) -> dict[str, Any]:
-    """Medians and 90th percentiles in microseconds, and kexecfs's ratios to the others."""
+    """Medians and 90th percentiles in microseconds, and kexecfs's ratios to the others.
+
+    A ratio is the median over rounds of that round's ratio of medians: a busy moment of
+    the machine slows the bursts of one round together, and it cancels in their ratio
+    where it would move a median of all samples of one target (21 % between two runs
+    with tests running beside them, against 8 % this way)."""
     data = {}
     for row in CONTROL_OPS:
         for col in row.columns:
-            med = {t: statistics.median(v) / 1000 if v else None for t, v in samples[col].items()}
-            p90 = {t: sorted(v)[int(len(v) * 0.9)] / 1000 if v else None for t, v in samples[col].items()}
-            data[col] = {"median_us": med, "p90_us": p90, "samples": {t: len(v) for t, v in samples[col].items()},
-                         "kexecfs_vs_floor": med["kexecfs"] / med["floor"],
-                         "kexecfs_vs_floor_take": med["kexecfs"] / med["floor+take"] if med.get("floor+take") else None,
-                         "kexecfs_vs_tmpfs": med["kexecfs"] / med["tmpfs"] if med.get("tmpfs") else None}
+            rounds = samples[col]
+            every = {t: sorted(v for burst in bursts for v in burst) for t, bursts in rounds.items()}
+            med = {t: statistics.median(v) / 1000 for t, v in every.items()}
+            p90 = {t: v[int(len(v) * 0.9)] / 1000 for t, v in every.items()}
+
+            def ratio(to: str) -> float | None:
+                if to not in rounds:
+                    return None
+                return statistics.median(statistics.median(kx) / statistics.median(base)
+                                         for kx, base in zip(rounds["kexecfs"], rounds[to]))
+            data[col] = {"median_us": med, "p90_us": p90, "samples": {t: len(v) for t, v in every.items()},
+                         "kexecfs_vs_floor": ratio("floor"), "kexecfs_vs_floor_take": ratio("floor+take"),
+                         "kexecfs_vs_tmpfs": ratio("tmpfs")}
     return data
 
 

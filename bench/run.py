@@ -73,7 +73,7 @@ class Sizes:
     dirty_counts: list[int]  # ... in this many memfds
 
 
-FULL = Sizes(25, 100, [(1, GiB), (1024, MiB)], 3, 3, [64 * MiB, 256 * MiB, GiB, 2 * GiB],
+FULL = Sizes(40, 100, [(1, GiB), (1024, MiB)], 3, 3, [64 * MiB, 256 * MiB, GiB, 2 * GiB],
              [1, 10, 100, 1000, 10000], 64 * MiB, (1000, 100, 4096, 10), [256 * MiB, GiB, 4 * GiB],
              [512 * MiB, 4 * GiB], [1, 1000])
 QUICK = Sizes(2, 200, [(1, 64 * MiB), (64, MiB)], 1, 1, [16 * MiB, 64 * MiB], [1, 10, 100], 16 * MiB,

@@ -309,6 +309,54 @@ def test_a_crash_in_an_event_resumes_before_or_after_it(tmp_path: Path, event: s
             {k: (v[1], v[4]) for k, v in before["files"].items()}
 
 
+def _chmod(m: LiveUpdate) -> None:
+    inst = m.instances["vm"]
+    inst.mode = 0o750
+    m.instance_changed(inst)
+
+
+# Each operation of normal that changes what is registered, with one frame of its own.
+REGISTRATIONS: dict[str, Callable[[LiveUpdate], object]] = {
+    "mkdir": lambda m: m.create_instance("new", ROOT),
+    "rmdir": lambda m: m.remove_instance("empty", ROOT),
+    "chmod": _chmod,
+    "limit": lambda m: m.set_limit(m.instances["db"], ROOT, "bytes", 1 << 20),
+    "preserve": lambda m: m.preserve(m.instances["vm"], ROOT, memfd(b"one more"), 9),
+    "unpreserve": lambda m: m.unpreserve(m.instances["vm"], ROOT, 2),
+}
+
+
+@pytest.mark.parametrize("point,outcome", [("journal.append", "before"), ("journal.durable", "after")])
+@pytest.mark.parametrize("op", sorted(REGISTRATIONS))
+def test_a_crash_in_a_registration_resumes_before_or_after_it(tmp_path: Path, op: str, point: str, outcome: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon dies just before the operation's frame is written, or just after: the
+    restarted daemon has the machine from before the operation, or from after it, whole
+    (the same as a twin machine that did the operation and lived)."""
+    pictures = {}
+    for side in ("twin", "crashed"):
+        m, store, _ = populated(tmp_path / side)
+        m.create_instance("empty", ROOT)
+        if side == "twin":
+            pictures["before"] = picture(m)
+            REGISTRATIONS[op](m)
+            pictures["after"] = picture(m)
+            continue
+        image_dir, dead = tmp_path / side / "images", tmp_path / side / "dead"
+        saved: dict[str, int] = {}
+
+        def crash_at(where: str) -> None:
+            if where == point:  # the directory and the store as the dead daemon leaves them
+                shutil.copytree(image_dir, dead)
+                saved.update(store.copy())
+                raise Crashed(where)
+        monkeypatch.setattr("kexecfs.core.journal.inject", crash_at)
+        with pytest.raises(Crashed):
+            REGISTRATIONS[op](m)
+        monkeypatch.undo()
+        assert resumed(dead, saved) == pictures[outcome]
+
+
 def test_a_file_preserved_after_a_restart_gets_a_descriptor_of_its_own(tmp_path: Path) -> None:
     """The restarted daemon's first new file must not take the store name of an old one
     (preserve frames do not repeat the machine record that says which name is next)."""

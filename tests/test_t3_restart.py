@@ -21,6 +21,7 @@ import pytest
 
 from harness import (ROOT, WAIT_THEN_CREATE, Daemon, abort_connection, digest, fuse_connection, is_mounted,
                      make_memfd, needs_fuse, serving, until, waiting_requests)
+from kexecfs.client import Kexecfs
 
 pytestmark = needs_fuse
 
@@ -320,6 +321,28 @@ def test_a_program_under_kexecfs_run_does_not_notice_a_restart(daemon: Daemon, t
         launcher.kill()
         launcher.wait()
         subprocess.run(["pkill", "-KILL", "-f", str(program)], capture_output=True)  # it holds the mount
+
+
+def test_a_session_fd_held_across_a_restart_keeps_its_session(daemon: Daemon) -> None:
+    """A LUO session fd (kexecfs.client, as a program under kexecfs run holds one) opened
+    before the daemon died: it still preserves into its session, and its close still ends
+    the session, as the kernel's does (the file handle says it is a session's)."""
+    kx = Kexecfs(daemon.mountpoint)
+    first, second = os.memfd_create("before"), os.memfd_create("after")
+    try:
+        session = kx.create_session("held")
+        session.preserve(first, 1)
+        daemon.kill()
+        daemon.start()
+        assert session.name() == b"held"
+        session.preserve(second, 2)
+        assert [line.split()[0] for line in (daemon.mountpoint / "held/fd_preserve").read_text().splitlines()] \
+            == ["1", "2"]
+        session.close()
+        until(lambda: not (daemon.mountpoint / "held").exists(), "closing the session fd ends the session")
+    finally:
+        os.close(first)
+        os.close(second)
 
 
 def test_a_service_asleep_in_poll_across_a_restart_wakes_for_the_next_transition(daemon: Daemon) -> None:
