@@ -103,7 +103,7 @@ class Workspace:
 
 
 def raise_fd_limit() -> int:
-    """Preserved files are descriptors held by the daemon, which inherits this limit."""
+    """The daemon inherits this limit, and its keepers (which hold the preserved descriptors) from it."""
     try:
         nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
     except OSError:

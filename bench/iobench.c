@@ -8,8 +8,10 @@
  *                               Prints "WRITE_S FSYNC_S BYTES".
  *   iobench unpack SRC < LIST   LIST holds one size per line: reads SRC (mapped) back,
  *                               piece by piece, into one new memfd per size with write(2),
- *                               keeping all of them open until the end (what recovery
- *                               does, minus checksums). Prints "SECONDS BYTES".
+ *                               keeping them open until the end (what recovery does, minus
+ *                               checksums) as far as RLIMIT_NOFILE allows: past it each new
+ *                               one closes the oldest (kexecfs hands its restored files to
+ *                               its keepers the same way). Prints "SECONDS BYTES".
  *   iobench read PATH           read(2) PATH to EOF with a 1 MiB buffer. Prints "SECONDS BYTES".
  *   iobench refresh DST < LIST  The floor of a freeze after prepare: LIST holds one line per
  *                               source, "PATH CHUNKS", CHUNKS being the comma-separated
@@ -26,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -99,6 +102,12 @@ int main(int argc, char **argv)
         if (map == MAP_FAILED)
             die("mmap", argv[2]);
         long long off = 0, size;
+        struct rlimit rl;
+        getrlimit(RLIMIT_NOFILE, &rl);
+        long ring_size = rl.rlim_cur > 128 ? (long)rl.rlim_cur - 64 : 64, held = 0;
+        int *ring = calloc(ring_size, sizeof *ring);
+        if (!ring)
+            die("calloc", NULL);
         while (scanf("%lld", &size) == 1) {
             if (off + size > st.st_size) {
                 fprintf(stderr, "iobench: %s is shorter than the sizes listed\n", argv[2]);
@@ -109,6 +118,9 @@ int main(int argc, char **argv)
                 die("memfd", NULL);
             write_all(fd, map + off, size);
             off += size; /* the memfd stays open, as recovered ones do */
+            if (held >= ring_size)
+                close(ring[held % ring_size]);
+            ring[held++ % ring_size] = fd;
         }
         printf("%.6f %lld\n", now() - t0, off);
     } else if (argc == 3 && !strcmp(argv[1], "read")) {

@@ -43,19 +43,11 @@ class Tree:
         return len(self.names) * self.files
 
 
-def fit(n_inst: int, n_files: int, fd_limit: int, seconds_left: float) -> tuple[int, int, dict[str, int]]:
-    """The instances and files per instance that fit the descriptor limit and the time
-    left, and notes for summary.json on what was reduced (each also printed)."""
+def fit(n_inst: int, n_files: int, seconds_left: float) -> tuple[int, dict[str, int]]:
+    """The instances that fit the time left, and a note for summary.json if that is fewer
+    (printed too). The descriptor limit bounds nothing here any more: the keepers own the
+    preserved descriptors, sharded, and the daemon holds a bounded few at a time."""
     notes = {}
-    # The daemon holds one descriptor per preserved file: RLIMIT_NOFILE (whose hard limit
-    # only CAP_SYS_RESOURCE can raise) bounds the number of files.
-    fit_files = max(1, (fd_limit - 2000) // n_inst)
-    if fit_files < n_files:
-        out()
-        out(f"  NOTE: scale reduced from {n_inst} x {n_files} to {n_inst} x {fit_files} files: the daemon "
-            f"holds a descriptor per preserved file and RLIMIT_NOFILE is {fd_limit} here (no CAP_SYS_RESOURCE)")
-        notes["scale_reduced_files_from"] = n_files
-        n_files = fit_files
     fit_inst = int(seconds_left / (n_files * SECONDS_PER_FILE))
     if fit_inst < n_inst:
         out()
@@ -63,12 +55,12 @@ def fit(n_inst: int, n_files: int, fd_limit: int, seconds_left: float) -> tuple[
             f"({seconds_left:.0f} s left)")
         notes["scale_reduced_from"] = n_inst
         n_inst = max(fit_inst, 10)
-    return n_inst, n_files, notes
+    return n_inst, notes
 
 
 def run(ws: Workspace, n_inst: int, n_files: int, file_size: int, restore_instances: int,
         seconds_left: Callable[[], float]) -> Section:
-    n_inst, n_files, notes = fit(n_inst, n_files, ws.fd_limit, seconds_left())
+    n_inst, notes = fit(n_inst, n_files, seconds_left())
     progress(f"scale: {n_inst} instances x {n_files} files of {fmt_bytes(file_size)}")
     shm = Path(tempfile.mkdtemp(prefix="kexecfs-bench-scale-", dir="/dev/shm"))
     res: dict[str, Any] = {"instances": n_inst, "files_per_instance": n_files, "file_size": file_size}

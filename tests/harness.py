@@ -184,11 +184,12 @@ class Daemon:
     By default the daemon's connection and descriptors outlive it in a keeper (SPEC
     section 10): a killed daemon leaves its mount waiting for the next :meth:`start`.
     With ``KEXECFS_FD_STORE=none`` in ``env`` nothing outlives it, as after a power cut.
+    ``nofile``: the daemon's RLIMIT_NOFILE, soft and hard (its keepers inherit it).
     """
 
     def __init__(self, mountpoint: Path, image_dir: Path, log: Path, extra: list[str] | None = None, *,
                  env: Mapping[str, str] | None = None, nofile: int | None = None) -> None:
-        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) of the daemon and the keeper it starts
+        self.nofile = nofile
         self.mountpoint = mountpoint
         self.image_dir = image_dir
         self.log = log
@@ -247,6 +248,15 @@ class Daemon:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def descriptors(self) -> int:
+        """How many descriptors the daemon holds now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def start_expecting_death(self, faults: str) -> None:
         """Start with ``faults`` armed where the daemon dies before it serves (in recovery)."""
@@ -849,6 +859,47 @@ def abort_connection(connection: Path) -> None:
     keeper holding it exits. Nothing if it has ended already."""
     with contextlib.suppress(OSError):
         (connection / "abort").write_text("1")
+
+
+def until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
+    """Wait for ``condition`` (polled), failing with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
+def keeper_holdings(image_dir: Path) -> dict[str, list[str]]:
+    """What each live keeper of ``image_dir`` holds: socket name -> the names it holds
+    (asked with the keepers' own LIST; a dead keeper's socket is left out)."""
+    import socket
+
+    from kexecfs.fs import keeper
+
+    held: dict[str, list[str]] = {}
+    for path in sorted(image_dir.glob("keeper*.sock")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            try:
+                sock.connect(keeper.socket_address(path))
+                keeper.send(sock, "LIST")
+                names: list[str] = []
+                while (reply := keeper.receive(sock)[0]).startswith("NAMES"):
+                    names += reply.split()[1:]
+            except OSError:
+                continue
+            if reply.startswith("DONE"):
+                held[path.name] = names
+    return held
+
+
+def stored_files(image_dir: Path) -> dict[str, int]:
+    """Each preserved file's name in the keepers -> how many keepers hold it (two, always)."""
+    counts: dict[str, int] = {}
+    for names in keeper_holdings(image_dir).values():
+        for name in names:
+            if name not in ("fuse", "fuse-init"):
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def waiting_requests(connection: Path) -> int:

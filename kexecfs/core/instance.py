@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from .descriptors import DescriptorCache, prefetch, warmed
 from .errors import KexecfsError, fail
 from .kinds import Kind, access_flags
 from .names import session_name
 
 TOKEN_MAX = (1 << 64) - 1
+# Descriptors fetched with the one a restore needs: its next tokens' (at most half the
+# cache, see DescriptorCache.prefetch). Probed token by token, so sparse tokens get fewer.
+RESTORE_PREFETCH = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,12 @@ class PreservedFile:
 
     ``record`` holds what the image says (or will say) about the file: its kind's
     fields such as size, position, open flags and seals.
+
+    Its descriptor is either the daemon's own (``fd``: until the descriptor store holds
+    it, and always for a machine without a store) or in the store under ``stored``, of
+    which the daemon fetches a copy while it works on the file (:mod:`.descriptors`):
+    so the files a machine holds are not bounded by the daemon's RLIMIT_NOFILE. Code
+    that needs the descriptor asks :meth:`descriptor`, whichever holds it.
     """
 
     token: int
@@ -49,12 +60,51 @@ class PreservedFile:
     opened: bool = False  # the owner opened fds/<token> (restored it)
     error: KexecfsError | None = None  # why a recovered file could not be restored
     ino: int = 0  # the inode number of its fds/<token> entry (the machine gives it)
+    stored: str | None = None  # its name in the descriptor store, once the daemon let go of its own
+    cache: DescriptorCache | None = field(default=None, repr=False, compare=False)
+    # (st_dev, st_ino) of the open file: it never changes, and duplicate checks and the
+    # journal's twins compare it without fetching every stored descriptor.
+    inode: tuple[int, int] | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether the file has a descriptor (the daemon's or the store's)."""
+        return self.fd >= 0 or (self.stored is not None and self.cache is not None)
+
+    def descriptor(self) -> AbstractContextManager[int]:
+        """The file's descriptor for the time of the block (-1 if it has none); a stored
+        one is fetched into the cache and may be closed once the block ends."""
+        if self.fd >= 0 or self.stored is None or self.cache is None:
+            return nullcontext(self.fd)
+        return self.cache.use(self.stored)
+
+    def inode_key(self) -> tuple[int, int] | None:
+        if self.inode is None and self.held:
+            with self.descriptor() as fd:
+                st = os.fstat(fd)
+            self.inode = (st.st_dev, st.st_ino)
+        return self.inode
+
+    @property
+    def at_hand(self) -> bool:
+        """Whether using the descriptor needs no round trip to the store."""
+        return self.fd >= 0 or self.stored is None or self.cache is None or self.stored in self.cache
+
+    def hand_over(self, name: str, cache: DescriptorCache) -> None:
+        """The store holds the descriptor under ``name`` now: the daemon's own becomes a
+        cached copy, closed when the cache needs the room."""
+        self.inode_key()
+        self.stored, self.cache = name, cache
+        if self.fd >= 0:
+            cache.adopt(name, self.fd)
+            self.fd = -1
 
     @property
     def size(self) -> int:
-        if self.fd >= 0:
+        if self.held:
             try:
-                return os.fstat(self.fd).st_size
+                with self.descriptor() as fd:
+                    return os.fstat(fd).st_size
             except OSError:
                 pass
         return int(self.record.get("size", 0))
@@ -99,16 +149,20 @@ class PreservedFile:
         (already checked): the kernel then holds every proxied read and write to the granted
         access and to O_APPEND, whatever the FUSE file's flags become later (F_SETFL)."""
         keep = (flags & os.O_ACCMODE) | (os.O_APPEND if self.appends else 0)
-        return os.open(f"/proc/self/fd/{self.fd}", keep | os.O_CLOEXEC)
+        with self.descriptor() as fd:
+            return os.open(f"/proc/self/fd/{fd}", keep | os.O_CLOEXEC)
 
     def line(self) -> str:
         """``<token> <kind> <size> <flags>``, as ``fd_preserve`` lists it."""
         return f"{self.token} {self.kind.name} {self.size} {access_flags(self.record.get('flags', 0))}"
 
     def close(self) -> None:
+        """Let go of the descriptor (a stored one stays in the store until the journal
+        releases its name: another file may share it, and a crash must find it there)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self.stored = None
 
 
 @dataclass
@@ -136,7 +190,7 @@ class Instance:
 
     def image_bytes(self) -> int:
         """The bytes of contents this instance puts into the image (memfds; not regular files)."""
-        return sum(pf.size for pf in self.files.values() if pf.kind.stores_contents)
+        return sum(pf.size for pf in warmed(self.files.values()) if pf.kind.stores_contents)
 
     def check_room(self, kind: Kind, record: dict[str, Any], caller: Caller) -> None:
         """ENOSPC past the file limit, EDQUOT past the byte limit, for one more preserved file."""
@@ -187,8 +241,18 @@ class Instance:
         except KeyError:
             raise fail(errno.ENOENT, f"instance {self.name!r} has no preserved file with token {token}") from None
 
+    def warm_from(self, token: int) -> None:
+        """Before the file of ``token`` is used: if its descriptor is not at hand, fetch it
+        together with those of the next tokens, in one round trip to the store. After a
+        kexec a service restores its files one after another, in token order as a rule
+        (and every file it does not restore is dropped at finish): a restore walk then
+        costs one round trip per batch, not one per file."""
+        pf = self.files.get(token)
+        if pf is not None and not pf.at_hand:
+            prefetch([f for t in range(token, token + RESTORE_PREFETCH) if (f := self.files.get(t)) is not None])
+
     def listing(self) -> str:
-        return "".join(self.files[t].line() + "\n" for t in sorted(self.files))
+        return "".join(pf.line() + "\n" for pf in warmed(self.files[t] for t in sorted(self.files)))
 
     def drop_files(self) -> None:
         for pf in self.files.values():

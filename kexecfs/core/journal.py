@@ -20,7 +20,8 @@ Format (``journal.kxj`` in the image directory, root-only like the images)::
       instance-gone  name
       file           one preserved file, whole: instance, token, kind, record (the kind's
                      fields), ino, fd (its name in the descriptor store, null if it has no
-                     descriptor), recovered, opened, error ([errno, message] or null)
+                     descriptor), recovered, opened, error ([errno, message] or null),
+                     inode ([st_dev, st_ino] of the open file, or null; 1.0 journals lack it)
       file-gone      instance, token
       request        unique: the FUSE request whose effect this frame is
 
@@ -45,6 +46,11 @@ Descriptors go into the store *before* the frame that names them is written, and
 it only *after* the frame that drops them is durable: whatever point a crash hits, every
 name the journal gives is in the store. Names in the store that no record gives (a
 crash between the two) are released at the next start.
+
+Once a frame naming a descriptor is durable, the daemon closes its own copy: the store
+is the owner of preserved descriptors, and the daemon fetches one back while it works
+on the file (:mod:`.descriptors`). Restored files of a recovery go to the store as they
+are made (:meth:`Journal.park`), before any frame names them.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
+from .descriptors import DescriptorCache
 from .errors import KexecfsError, fail
 from .faults import inject
 from .syscalls import same_open_file
@@ -212,9 +219,13 @@ class Journal:
     """The running machine's journal: the machine calls the ``*_changed``/``*_removed``
     methods as it changes, then :meth:`commit` once per operation (one frame)."""
 
-    def __init__(self, image_dir: Path, store: Keeping, kernel_boot_id: str) -> None:
+    def __init__(self, image_dir: Path, store: Keeping, kernel_boot_id: str,
+                 cache: DescriptorCache | None = None) -> None:
         self.path = image_dir / JOURNAL_NAME
         self.store = store
+        # Where the daemon's copies of stored descriptors come from; None: a store that
+        # cannot give one back on demand, and the daemon keeps its own descriptors.
+        self.cache = cache
         self.kernel_boot_id = kernel_boot_id
         self.names: dict[tuple[int, int], str] = {}  # (instance ino, token) -> name in the store
         self.users: dict[str, int] = {}  # name -> files it serves (one open file preserved twice)
@@ -226,6 +237,7 @@ class Journal:
         self.on_success: list[Callable[[], None]] = []  # what the pending frame does once durable
         self.on_failure: list[Callable[[], None]] = []  # what undoes its side effects if it is not
         self.machine: LiveUpdate | None = None
+        self._parking: list[tuple[str, PreservedFile]] = []  # recovered, named, not stored yet
         self.fd = -1
         self.size = self.snapshot_size = 0  # bytes now, and as the last snapshot left it
 
@@ -247,21 +259,22 @@ class Journal:
 
     def file_changed(self, inst: Instance, pf: PreservedFile) -> None:
         key = (inst.ino, pf.token)
-        if key not in self.names and pf.fd >= 0:
+        if key not in self.names and pf.held:
             self._keep(key, pf)
         self.pending.append(self._file_record(inst, pf))
 
     def _file_record(self, inst: Instance, pf: PreservedFile) -> dict[str, Any]:
         return {"op": "file", "instance": inst.name, "token": pf.token, "kind": pf.kind.name, "record": pf.record,
                 "ino": pf.ino, "fd": self.names.get((inst.ino, pf.token)), "recovered": pf.recovered,
-                "opened": pf.opened, "error": [pf.error.errno, pf.error.message] if pf.error else None}
+                "opened": pf.opened, "error": [pf.error.errno, pf.error.message] if pf.error else None,
+                "inode": list(pf.inode) if pf.inode else None}
 
     def file_removed(self, inst: Instance, pf: PreservedFile) -> None:
         """Call while the file's descriptor is still open (its twins are found through it)."""
         self.pending.append({"op": "file-gone", "instance": inst.name, "token": pf.token})
         key = (inst.ino, pf.token)
         if key in self.names:
-            inode = _inode(pf.fd)
+            inode = pf.inode_key()
             self.on_success.append(lambda: self._drop(key, inode, pf))
 
     def machine_changed(self, m: LiveUpdate) -> None:
@@ -272,17 +285,24 @@ class Journal:
 
     def _keep(self, key: tuple[int, int], pf: PreservedFile) -> None:
         """Store ``pf``'s descriptor, or find it stored already: a file preserved before that
-        is the same open file (systemd's store keeps one open file once) serves both."""
-        inode = _inode(pf.fd)
-        twins = self.by_inode.setdefault(inode, [])
-        name = next((n for n, twin in twins if twin.fd >= 0 and same_open_file(twin.fd, pf.fd)), None)
-        if name is None:
-            name = f"f{self.next_name}"
-            self.next_name += 1
-            self.store.keep(name, pf.fd)
-            self.users[name] = 0
-            self.on_failure.append(lambda: self.store.release(name))
-        self.users[name] += 1
+        is the same open file (systemd's store keeps one open file once) serves both, and
+        a file :meth:`park` stored keeps its name. Once the frame is durable the daemon
+        lets go of its own descriptor (``on_success``)."""
+        inode = pf.inode_key()
+        twins = self.by_inode.setdefault(inode, [])  # type: ignore[arg-type]
+        if pf.stored is not None:
+            name = pf.stored
+        else:
+            name = next((n for n, twin in twins if twin.held and _same(twin, pf.fd)), None)
+            if name is None:
+                name = f"f{self.next_name}"
+                self.next_name += 1
+                self.store.keep(name, pf.fd)
+                self.on_failure.append(lambda: self.store.release(name))
+            if self.cache is not None:
+                cache = self.cache
+                self.on_success.append(lambda: pf.hand_over(name, cache))
+        self.users[name] = self.users.get(name, 0) + 1
         self.names[key] = name
         twins.append((name, pf))
         self.on_failure.append(lambda: self._drop(key, inode, pf, release=False))
@@ -301,12 +321,48 @@ class Journal:
         if not self.users[name]:
             del self.users[name]
             if release:
-                self.store.release(name)
+                self._release(name)
 
-    def moved_to(self, store: Keeping) -> None:
-        """Another store, holding nothing yet: the next :meth:`rewrite` stores every file anew."""
-        self.store = store
-        self.names, self.users, self.by_inode = {}, {}, {}
+    def _release(self, name: str) -> None:
+        self._release_all([name])
+
+    def _release_all(self, names: list[str]) -> None:
+        """Let the store go of ``names``: in batches where it can (keepers), since a
+        simulated kexec lets go of every file of the old kernel at once."""
+        release_many = getattr(self.store, "release_many", None)
+        if release_many is not None:
+            release_many(names)
+        else:
+            for name in names:
+                self.store.release(name)
+        if self.cache is not None:
+            for name in names:
+                self.cache.forget(name)
+
+    def park(self, pf: PreservedFile) -> None:
+        """A file recovered from an image goes to the store, under a new name that the next
+        :meth:`rewrite` journals (a crash before leaves a name no record gives, released at
+        the next start): a recovery holds a batch of restored descriptors at a time (half
+        the cache), stored in one message per keeper."""
+        if self.cache is None or pf.fd < 0:
+            return
+        self._parking.append((f"f{self.next_name}", pf))
+        self.next_name += 1
+        if len(self._parking) >= max(1, self.cache.size // 2):
+            self._park_pending()
+
+    def _park_pending(self) -> None:
+        parking, self._parking = self._parking, []
+        if not parking or self.cache is None:
+            return
+        keep_many = getattr(self.store, "keep_many", None)
+        if keep_many is not None:
+            keep_many([(name, pf.fd) for name, pf in parking])
+        else:
+            for name, pf in parking:
+                self.store.keep(name, pf.fd)
+        for name, pf in parking:
+            pf.hand_over(name, self.cache)
 
     def adopt(self, m: LiveUpdate, names: dict[tuple[int, int], str], next_name: int,
               answered: dict[int, int]) -> None:
@@ -317,8 +373,8 @@ class Journal:
             pf = m.by_ino[key[0]].files[key[1]]
             self.names[key] = name
             self.users[name] = self.users.get(name, 0) + 1
-            if pf.fd >= 0:
-                self.by_inode.setdefault(_inode(pf.fd), []).append((name, pf))
+            if pf.held:
+                self.by_inode.setdefault(pf.inode_key(), []).append((name, pf))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ durability
 
@@ -372,6 +428,7 @@ class Journal:
         """Replace the journal by one frame holding the whole of ``m`` (at start, after each
         event, and for the machine a simulated kexec swaps in). ``answered``: the request
         (unique, errno) whose effect this is."""
+        self._park_pending()  # the files a recovery parked last are in the store before any is named
         old_names, old = set(self.users), (self.names, self.by_inode, self.machine)
         self.pending, self.on_success, self.on_failure = [], [], []
         if m is not self.machine:
@@ -380,21 +437,22 @@ class Journal:
                 # The next boot of a simulated kexec from a committed image: the journal says
                 # so already (the intent), and a restart from here recovers from the image,
                 # needing none of the old kernel's descriptors. Released first, so that the
-                # store never holds both kernels' files at once: twice the files could pass
-                # its RLIMIT_NOFILE, and a descriptor it cannot receive is not kept.
-                for name in sorted(old_names):
-                    self.store.release(name)
+                # store holds both kernels' files no longer than it must: a store in one
+                # process could pass its RLIMIT_NOFILE, and a descriptor it cannot receive
+                # is not kept. (Keepers hold the next boot's files already, parked by the
+                # recovery; they are sharded, so no one process holds both kernels' files.)
+                self._release_all(sorted(old_names))
                 old_names = set()
         self.machine, self.names, self.users, self.by_inode = m, {}, {}, {}
         files = []
         for inst in m.instances.values():
             for token in sorted(inst.files):
                 pf, key = inst.files[token], (inst.ino, token)
-                if key in old[0] and pf.fd >= 0:
+                if key in old[0] and pf.held:
                     name = self.names[key] = old[0][key]
                     self.users[name] = self.users.get(name, 0) + 1
-                    self.by_inode.setdefault(_inode(pf.fd), []).append((name, pf))
-                elif pf.fd >= 0:
+                    self.by_inode.setdefault(pf.inode_key(), []).append((name, pf))  # type: ignore[arg-type]
+                elif pf.held:
                     self._keep(key, pf)
                 files.append(self._file_record(inst, pf))
         if answered is not None and answered[0] is not None:
@@ -403,14 +461,16 @@ class Journal:
         records += [instance_record(inst) for inst in m.instances.values()] + files
         records += [{"op": "request", "unique": u, "errno": e} for u, e in self.answered_requests.items()]
         on_failure, self.on_failure = self.on_failure, []
+        on_success, self.on_success = self.on_success, []
         try:
             self._replace(PREAMBLE + encode(records))
         except OSError as exc:
             for undo in reversed(on_failure):
                 undo()
             raise _journal_error(exc) from None
-        for name in sorted(old_names - set(self.users)):
-            self.store.release(name)
+        for action in on_success:
+            action()
+        self._release_all(sorted(old_names - set(self.users)))
 
     def _replace(self, data: bytes) -> None:
         tmp = self.path.with_name(f".{JOURNAL_NAME}.tmp")
@@ -467,6 +527,9 @@ class NoJournal:
     def machine_changed(self, m: LiveUpdate) -> None:
         pass
 
+    def park(self, pf: PreservedFile) -> None:
+        pass  # the daemon keeps the descriptor itself: nothing else holds it
+
     def commit(self, unique: int | None = None, *, answers: bool = True, errno_: int = 0) -> None:
         pass
 
@@ -477,11 +540,9 @@ class NoJournal:
         pass
 
 
-def _inode(fd: int) -> tuple[int, int] | None:
-    if fd < 0:
-        return None
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+def _same(twin: PreservedFile, fd: int) -> bool:
+    with twin.descriptor() as mine:
+        return same_open_file(mine, fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

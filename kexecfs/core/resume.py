@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .descriptors import DescriptorCache
 from .errors import KexecfsError
 from .image import IMAGE_NAME, HandoverImage, ImageError
 from .instance import Instance, PreservedFile
@@ -54,9 +55,12 @@ class Resumed:
 
 
 def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: Policy,
-           on_progress: Callable[[str], None] | None = None) -> Resumed:
-    """The journal's machine; takes the descriptors it uses out of ``held``. ``on_progress``
-    hears how a prepare made again, or the recovery of an interrupted kexec, goes."""
+           on_progress: Callable[[str], None] | None = None, cache: DescriptorCache | None = None,
+           park: Callable[[PreservedFile], None] | None = None) -> Resumed:
+    """The journal's machine; takes the descriptors it uses out of ``held``: a descriptor,
+    or -1 for one that stays in the store, fetched through ``cache`` when needed (so a
+    restart fetches none of them). ``on_progress`` hears how a prepare made again, or the
+    recovery of an interrupted kexec, goes; ``park`` stores the files that recovery makes."""
     remove_unfinished_images(image_dir)
     m, fields = LiveUpdate(image_dir, state.machine["boot_id"], state.machine["kexec_count"], policy), state.machine
     m.on_progress = on_progress
@@ -69,7 +73,7 @@ def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: P
                         max_bytes=rec["max_bytes"], finished=rec["finished"], incoming=rec["incoming"],
                         session=rec["session"])
         m.instances[inst.name] = m.by_ino[inst.ino] = inst
-    names, missing = _files(m, state, held)
+    names, missing = _files(m, state, held, cache)
     # Instances and files made since the last machine record (preserves and mkdirs journal
     # no machine record) must not have their inode numbers given out again.
     m.next_ino = max([m.next_ino] + [i.ino + INO_STRIDE for i in m.instances.values()])
@@ -86,7 +90,7 @@ def resume(image_dir: Path, state: JournalState, held: dict[str, int], policy: P
         if after and intent == "kexec":
             # The old kernel's descriptors are not needed (and may be released already, see
             # Journal.rewrite): its files only lend their inode numbers to the next boot's.
-            m, stale, names, missing = _next_boot(m), sorted(set(names.values())), {}, []
+            m, stale, names, missing = _next_boot(m, park), sorted(set(names.values())), {}, []
         elif after and intent == "finish":
             stale = sorted(set(names.values()) - {names[i.ino, t] for i in m.instances.values() for t in i.files
                                                   if (i.ino, t) in names})
@@ -108,7 +112,8 @@ def _drop_missing(missing: Missing) -> list[str]:
     return [f"{inst.name}/{token}" for inst, token, _name in missing]
 
 
-def _files(m: LiveUpdate, state: JournalState, held: dict[str, int]) -> tuple[dict[tuple[int, int], str], Missing]:
+def _files(m: LiveUpdate, state: JournalState, held: dict[str, int],
+           cache: DescriptorCache | None) -> tuple[dict[tuple[int, int], str], Missing]:
     names: dict[tuple[int, int], str] = {}
     taken: set[str] = set()
     missing: Missing = []
@@ -117,16 +122,23 @@ def _files(m: LiveUpdate, state: JournalState, held: dict[str, int]) -> tuple[di
         if inst is None or kind is None:
             continue
         name = rec.get("fd")
-        fd = -1
+        fd, stored = -1, None
         if name is not None:
             if name not in held:
                 missing.append((inst, token, name))  # kept listed until resume knows if it matters
             else:
-                # One open file preserved twice is stored once: each file holds its own descriptor.
-                fd = os.dup(held[name]) if name in taken else held[name]
+                if held[name] >= 0:
+                    # One open file preserved twice is stored once: each file holds its own descriptor.
+                    fd = os.dup(held[name]) if name in taken else held[name]
+                else:
+                    stored = name  # the store keeps it; fetched through the cache when needed
                 taken.add(name)
                 names[inst.ino, token] = name
         pf = PreservedFile(token, kind, fd, rec["record"], recovered=rec["recovered"], opened=rec["opened"])
+        if stored is not None:
+            pf.stored, pf.cache = stored, cache
+        if rec.get("inode"):
+            pf.inode = (rec["inode"][0], rec["inode"][1])
         pf.ino = rec["ino"]
         if rec.get("error"):
             pf.error = KexecfsError(rec["error"][0], rec["error"][1])
@@ -166,7 +178,7 @@ def _settle(m: LiveUpdate, intent: str) -> bool:
     return False
 
 
-def _next_boot(m: LiveUpdate) -> LiveUpdate:
+def _next_boot(m: LiveUpdate, park: Callable[[PreservedFile], None] | None) -> LiveUpdate:
     """Complete an interrupted simulated kexec: the next boot's machine, from the image.
     The old machine's descriptors die with its kernel, as in the kexec itself, but its
     files stay listed: the next boot's files take their inode numbers from them."""
@@ -174,7 +186,7 @@ def _next_boot(m: LiveUpdate) -> LiveUpdate:
         for pf in inst.files.values():
             pf.close()
     nxt = LiveUpdate.boot(m.image_dir, boot_id=str(uuid.uuid4()), kexec_count=m.kexec_count + 1, policy=m.policy,
-                          on_progress=m.on_progress)
+                          on_progress=m.on_progress, park=park)
     nxt.carry_file_inos(m)
     return nxt
 

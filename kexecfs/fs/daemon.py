@@ -91,8 +91,8 @@ def setup_logging(debug: bool, log_file: Path | None = None, background: bool = 
 
 
 def raise_descriptor_limit() -> None:
-    """The daemon holds one descriptor per preserved file: take the whole hard limit
-    (systemd's default soft limit of 1024 would fail preserves with EMFILE)."""
+    """Take the whole hard limit: the daemon holds copies of a few stored descriptors
+    (restart.CACHE_SIZE, a quarter of the soft limit at most), open restored files and its own."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -148,7 +148,7 @@ async def _main_loop(fs: KexecfsOperations, ready: Callable[[], None], conn: res
     async with trio.open_nursery() as nursery:
         fs.nursery = nursery
         nursery.start_soon(_stop_on_signal, signalled)
-        nursery.start_soon(restart.replace_a_dead_keeper, conn, lambda: fs.machine)
+        nursery.start_soon(restart.replace_a_dead_keeper, conn)
         ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

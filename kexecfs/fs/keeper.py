@@ -2,16 +2,21 @@
 restarts, as systemd's fd store does for a service (used where there is no systemd).
 
 What it holds, each under a name: the FUSE connection (``/dev/fuse``), the record of the
-connection's FUSE_INIT, and every preserved file. A daemon that is killed, crashes or is
-replaced by a new version loses none of them: the next daemon asks the keeper for them
-all and serves the same connection (:mod:`kexecfs.fs.restart`).
+connection's FUSE_INIT, and preserved files. It is their owner: the daemon fetches a
+copy of a file's descriptor only while it works on the file (``GET``), so the files a
+mount preserves are bounded by no one process's RLIMIT_NOFILE. A mount has as many
+keepers as its files need, each holding at most a share well under its own limit, and
+each file is held by two of them (see :class:`kexecfs.fs.fdstore.KeeperStore`). A daemon
+that is killed, crashes or is replaced by a new version loses none of them: the next
+daemon finds the keepers again and serves the same connection (:mod:`kexecfs.fs.restart`).
 
 The keeper does nothing else, so that there is nothing in it to crash: it imports only
 the standard library (and kexecfs.systemd's journal client, itself no more, to log to
 the journal as the daemon does), never reads or writes the files it holds, and knows no FUSE. It
 exits when the filesystem ends: when the daemon says so (``END``, after an unmount), or
 when the connection dies under it (``/dev/fuse`` reports POLLERR once the kernel has
-aborted the connection, e.g. after ``umount`` while no daemon ran). A keeper that never
+aborted the connection, e.g. after ``umount`` while no daemon ran; looked at every
+second). A keeper that never
 got a connection exits with its last client.
 
 Protocol: a SOCK_SEQPACKET unix socket in the image directory (0700, and the peer must be
@@ -19,9 +24,11 @@ the keeper's own uid). Each message is one ASCII command, with descriptors attac
 SCM_RIGHTS::
 
     HELLO <pid>        -> OK <keeper pid> <held>   or  BUSY <pid> (another daemon serves)
-    STORE <name>       one descriptor attached; replaces a descriptor of that name
-    REMOVE <name>      closes it
+    STORE <name>...    one descriptor attached per name (at most BATCH); replaces descriptors of those names
+    REMOVE <name>...   closes those it holds (at most BATCH names a message)
     FETCH              -> FDS <name>... (with those descriptors, at most BATCH a message)..., DONE <n>
+    GET <name>...      -> FDS <name>... of those it holds (at most BATCH asked), with their descriptors
+    LIST               -> NAMES <name>... (as many messages as needed)..., DONE <n>
     END                the filesystem ended: close everything and exit
 
 ``STORE`` and ``REMOVE`` are not answered: a message is in the keeper's queue once
@@ -50,9 +57,15 @@ log = logging.getLogger("kexecfs.keeper")
 
 SOCKET_NAME = "keeper.sock"
 CONNECTION = "fuse"  # the name the daemon stores /dev/fuse under: watched for its death
+CONNECTION_NAMES = frozenset({CONNECTION, "fuse-init"})  # the connection's; every other name is a preserved file
 BATCH = 250  # descriptors per message (the kernel's SCM_MAX_FD is 253)
 MESSAGE = 1 << 16
 _HUNG_UP = select.POLLERR | select.POLLHUP | select.POLLNVAL
+# How often (ms) a keeper looks whether the connection ended. Not by waiting on it with
+# the sockets: /dev/fuse wakes every poller of it at each request the kernel queues,
+# whatever events it asked for, and each woken keeper cost tens of microseconds of CPU
+# per request of the mount, times the keepers (two per shard) on the daemon's cores.
+CONNECTION_CHECK_MS = 1000
 
 
 def socket_address(path: Path) -> str:
@@ -94,18 +107,19 @@ class Keeper:
         self.serving: socket.socket | None = None  # the daemon that said HELLO last
         self.poller = select.poll()
         self.poller.register(listener, select.POLLIN)
+        self.connection = select.poll()  # the connection alone, looked at without waiting (see CONNECTION_CHECK_MS)
         self.done = False
 
     def run(self) -> None:
         while not self.done:
-            for fd, events in self.poller.poll():
+            for fd, events in self.poller.poll(CONNECTION_CHECK_MS):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif fd in self.clients:
                     self._serve(self.clients[fd], events)
-                elif self.held.get(CONNECTION) == fd and events & _HUNG_UP:
-                    log.info("keeper: the FUSE connection ended; releasing %d descriptor(s)", len(self.held))
-                    self.done = True
+            if CONNECTION in self.held and any(ev & _HUNG_UP for _fd, ev in self.connection.poll(0)):
+                log.info("keeper: the FUSE connection ended; releasing %d descriptor(s)", len(self.held))
+                self.done = True
             if not self.clients and CONNECTION not in self.held:
                 log.info("keeper: no connection was ever kept and no daemon is left; exiting")
                 self.done = True
@@ -139,17 +153,25 @@ class Keeper:
             self._hang_up(sock)
             return
         verb, _, arg = text.partition(" ")
-        if verb == "STORE" and len(fds) == 1 and arg:
-            self._store(arg, fds[0])
+        if verb == "STORE" and arg and len(arg.split()) == len(fds):
+            for name, fd in zip(arg.split(), fds):
+                self._store(name, fd)
             return
         for fd in fds:  # only STORE brings a descriptor
             os.close(fd)
         if verb == "HELLO":
             self._hello(sock, arg)
-        elif verb == "REMOVE" and arg in self.held:
-            self._forget(arg)
+        elif verb == "REMOVE":
+            for name in arg.split():
+                if name in self.held:
+                    self._forget(name)
         elif verb == "FETCH":
             self._fetch(sock)
+        elif verb == "GET":
+            found = [n for n in arg.split()[:BATCH] if n in self.held]
+            send(sock, "FDS " + " ".join(found), [self.held[n] for n in found])
+        elif verb == "LIST":
+            self._list(sock)
         elif verb == "END":
             log.info("keeper: the filesystem ended; releasing %d descriptor(s)", len(self.held))
             self.done = True
@@ -167,12 +189,12 @@ class Keeper:
             self._forget(name)
         self.held[name] = fd
         if name == CONNECTION:
-            self.poller.register(fd, 0)  # POLLERR and POLLHUP are reported unasked
+            self.connection.register(fd, 0)  # POLLERR and POLLHUP are reported unasked
 
     def _forget(self, name: str) -> None:
         fd = self.held.pop(name)
         if name == CONNECTION:
-            self.poller.unregister(fd)
+            self.connection.unregister(fd)
         os.close(fd)
 
     def _fetch(self, sock: socket.socket) -> None:
@@ -181,6 +203,19 @@ class Keeper:
             batch = names[start:start + BATCH]
             send(sock, "FDS " + " ".join(batch), [self.held[n] for n in batch])
         send(sock, f"DONE {len(names)}")
+
+    def _list(self, sock: socket.socket) -> None:
+        line: list[str] = []
+        size = 0
+        for name in self.held:
+            if size + len(name) + 1 > MESSAGE - 16:
+                send(sock, "NAMES " + " ".join(line))
+                line, size = [], 0
+            line.append(name)
+            size += len(name) + 1
+        if line:
+            send(sock, "NAMES " + " ".join(line))
+        send(sock, f"DONE {len(self.held)}")
 
     def _hang_up(self, sock: socket.socket) -> None:
         self.poller.unregister(sock)
@@ -253,7 +288,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one descriptor per preserved file
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the daemon gives each keeper a share well under it
     keeper = Keeper(listener)
     try:
         keeper.run()

@@ -26,6 +26,7 @@ from . import fusehook  # must precede pyfuse3 (see kexecfs.fusehook)
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
+from ..core.descriptors import prefetch  # noqa: E402
 from ..core.errors import KexecfsError, fail, refusal  # noqa: E402
 from ..core.faults import delay  # noqa: E402
 from ..core.instance import Caller, Instance, PreservedFile  # noqa: E402
@@ -52,6 +53,7 @@ SESSION_FH = 1 << 31
 def file_handle(uid: int, number: int, session: bool = False) -> int:
     return (uid << 32) | (SESSION_FH if session else 0) | ((number - 1) % (SESSION_FH - 1) + 1)
 DIR_TIMEOUT = 1.0  # directory entries and attributes change only through this daemon
+READDIR_PREFETCH = 64  # fds/ entries a readdir reply holds, about (each with its attributes)
 # fds/<token>: entries time out at once (tokens come and go, so every path walk asks
 # again), and attributes after a jiffy. Not 0: the kernel takes a zero timeout as
 # "stale already" and follows every LOOKUP with a GETATTR for the permission check of
@@ -295,7 +297,13 @@ class KexecfsOperations(pyfuse3.Operations):
             if parent_inode == ROOT_INO or inst is None:
                 return self._attrs(ROOT_INO)
             return self._attrs(inst.ino if parent_inode != inst.ino else ROOT_INO)
-        return self._attrs(self._child(parent_inode, text))
+        ino = self._child(parent_inode, text)
+        _node, inst, pf = self._resolve(ino)
+        if pf is not None:
+            # The first request of each restore (and of each stat): its attributes need the
+            # file's descriptor, and the next tokens' are likely needed next.
+            inst.warm_from(pf.token)  # type: ignore[union-attr]
+        return self._attrs(ino)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -350,6 +358,12 @@ class KexecfsOperations(pyfuse3.Operations):
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._children(fh)
+        node, inst, _pf = self._resolve(fh)
+        if inst is not None and node is not None and node.offset == FDS_OFFSET:
+            # Each entry's attributes carry its size: the stored descriptors of about one
+            # reply's worth of entries come from the store in one go, not one by one.
+            prefetch([inst.files[int(name)] for name, _ino in entries[start_id:start_id + READDIR_PREFETCH]
+                      if int(name) in inst.files])
         for i, (name, ino) in enumerate(entries[start_id:], start_id + 1):
             if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(ino), i):
                 break

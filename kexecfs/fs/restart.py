@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import select
 import struct
 import subprocess
@@ -36,8 +37,9 @@ from pathlib import Path
 
 import trio
 
+from ..core.descriptors import DescriptorCache
 from ..core.journal import JOURNAL_NAME, Journal, JournalDamaged, JournalState, NoJournal, load
-from ..core.machine import LiveUpdate, Policy, kernel_boot_id
+from ..core.machine import LiveUpdate, Policy, collector_paused, kernel_boot_id
 from ..core.resume import resume
 from . import fusehook
 from .fdstore import DescriptorStore, KeeperStore
@@ -48,6 +50,7 @@ log = logging.getLogger("kexecfs.restart")
 CONNECTION = "fuse"
 INIT_RECORD = "fuse-init"
 RECORD_SIZE = 4096  # more than the extension's struct init_record
+CACHE_SIZE = 1024  # stored descriptors the daemon keeps copies of, at most (see core.descriptors)
 
 
 @dataclass
@@ -65,6 +68,9 @@ class Connection:
         if self.adopted:
             status = fusehook.connection_status()
             self.store = store
+            # Keepers started from now on (a new shard, a dead keeper's replacement) get it too.
+            store.connection_known(INIT_RECORD, self.record_fd)
+            store.connection_known(CONNECTION, fusehook.session_fd())
             log.info("adopted the FUSE connection of %s from the %s store (requests resent: %s)",
                      self.mountpoint, store.kind, status["resend"])
             if mount_device(str(self.mountpoint)) is None:
@@ -112,24 +118,31 @@ class HandleNumbers:
         os.pwrite(self.fd, struct.pack("<Q", self.reserved), self.AT)
 
 
-async def replace_a_dead_keeper(conn: Connection, machine_of: Callable[[], LiveUpdate]) -> None:
-    """While this daemon serves, its keeper must live: a keeper that died (killed by
-    someone) took every descriptor with it, and the next crash of the daemon would lose
-    them all. The daemon still has them: a new keeper gets them all again."""
+async def replace_a_dead_keeper(conn: Connection) -> None:
+    """While this daemon serves, its keepers must live: a keeper that died (killed by
+    someone) took its descriptors with it, and one more death would lose them. The other
+    keeper of its shard holds them all: a new keeper gets them from it."""
     store = getattr(conn, "store", None)
-    while isinstance(store, KeeperStore):
-        await trio.lowlevel.wait_readable(store.sock)  # the keeper never speaks unasked: this is its end
-        if not alive(fusehook.session_fd()):
-            return  # the filesystem ended (unmounted), and the keeper with it, as it should
-        log.error("the keeper (pid %d) died; starting another and storing everything in it again",
-                  store.keeper_pid)
-        store.replace_keeper()
-        conn.store_in(store)
-        machine = machine_of()
-        if isinstance(machine.record, Journal):
-            machine.record.moved_to(store)
-            machine.record.rewrite(machine)
-        log.info("the new keeper (pid %d) holds the connection and every preserved descriptor", store.keeper_pid)
+    keepers = store if isinstance(store, KeeperStore) else getattr(store, "keepers", None)
+    while isinstance(keepers, KeeperStore):
+        # The watch connections never carry a word: one turns readable when its keeper dies.
+        # Looked at again every second, for the keepers of shards started meanwhile.
+        with trio.move_on_after(1):
+            async with trio.open_nursery() as nursery:
+                for member in keepers.members():
+                    nursery.start_soon(_ended, member.watch, nursery.cancel_scope)
+        dead = keepers.dead_members()
+        if dead and not alive(fusehook.session_fd()):
+            return  # the filesystem ended (unmounted), and the keepers with it, as they should
+        for shard, n, member in dead:
+            log.error("the keeper (pid %d) died; starting another and giving it what it held", member.pid)
+            new = keepers.replace(shard, n)
+            log.info("the new keeper (pid %d) holds the connection and every preserved descriptor", new.pid)
+
+
+async def _ended(sock: object, scope: trio.CancelScope) -> None:
+    await trio.lowlevel.wait_readable(sock)
+    scope.cancel()
 
 
 def alive(fd: int) -> bool:
@@ -195,16 +208,24 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
     ``on_progress`` hears how a recovery or a prepare made again goes."""
     kernel = kernel_boot_id()
     machine = None
+    fetching = getattr(store, "fetch", None) is not None
+    # What the daemon holds of stored files at once: a few, well under its own limit.
+    cache = DescriptorCache(store, min(CACHE_SIZE, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)) \
+        if fetching else None  # type: ignore[arg-type]
     if store.kind == "none":
         machine = LiveUpdate.boot(image_dir, policy=policy, on_progress=on_progress)
         _release(store, held)
         return machine
-    journal = Journal(image_dir, store, kernel)
+    journal = Journal(image_dir, store, kernel, cache)
+    # Names new files get are past every name the store holds (recovery parks files before
+    # any journal frame: a name the journal does not give yet must not be one in use).
+    journal.next_name = 1 + max((int(n[1:]) for n in held if n[:1] == "f" and n[1:].isdigit()), default=-1)
     state = _journal(image_dir, kernel)
     if state is not None and conn.adopted and state.machine.get("kernel_boot_id") == kernel:
-        resumed = resume(image_dir, state, held, policy, on_progress)
+        journal.next_name = max(journal.next_name, state.next_name)
+        resumed = resume(image_dir, state, held, policy, on_progress, cache, journal.park)
         machine = resumed.machine
-        journal.adopt(machine, resumed.names, resumed.next_name, resumed.requests)
+        journal.adopt(machine, resumed.names, max(resumed.next_name, journal.next_name), resumed.requests)
         for name in resumed.stale:
             store.release(name)
         log.info("resumed from the journal: state %s, %d instance(s), %d file(s)%s", machine.state.word,
@@ -216,11 +237,13 @@ def machine_for(image_dir: Path, policy: Policy, store: DescriptorStore, held: d
         log.warning("the journal of %d instance(s) and %d file(s) is not used: %s; booting from the image directory",
                     len(state.instances), len(state.files), why)
     if machine is None:
-        machine = LiveUpdate.boot(image_dir, policy=policy, on_progress=on_progress)
+        _release(store, held)
+        machine = LiveUpdate.boot(image_dir, policy=policy, on_progress=on_progress, park=journal.park)
     _release(store, held)
     machine.record = journal
     try:
-        journal.rewrite(machine)
+        with collector_paused():  # after a real kexec, part of the blackout (see collector_paused)
+            journal.rewrite(machine)
     except Exception as exc:  # a full disk must not keep the daemon from serving
         machine.record = NoJournal()
         machine.last_error = f"journal: {exc}; a restart of this daemon will lose what it holds"
@@ -243,6 +266,7 @@ def _release(store: DescriptorStore, held: dict[str, int]) -> None:
     """Descriptors in the store that nothing needs: a crash between storing one and the
     journal frame naming it, or what a journal not used any more held."""
     for name, fd in held.items():
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         store.release(name)
     held.clear()
