@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -389,9 +390,24 @@ def test_journal_entries_carry_instance_token_event(tmp_path: Path) -> None:
     st = os.fstat(stderr.fileno())
     setup = (f"mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && touch /run/systemd/journal/socket "
              f"&& mount --bind {journal} /run/systemd/journal/socket && exec \"$@\"")
+    entries: list[dict[str, str]] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(journal))
-        sock.settimeout(30)
+        sock.settimeout(0.2)
+        done = threading.Event()
+
+        def journald() -> None:
+            """Read entries as they come, as journald does: the socket queues only
+            net.unix.max_dgram_qlen datagrams (10 by default), and a logger whose entries
+            nobody reads blocks in sendto() for good."""
+            while True:
+                try:
+                    entries.append(parse_journal_entry(sock.recv(1 << 16)))
+                except TimeoutError:
+                    if done.is_set():  # the daemon is gone and nothing is queued any more
+                        return
+        reader = threading.Thread(target=journald, daemon=True)
+        reader.start()
         proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", sys.executable, "-m",
              "kexecfs", "mount", str(mnt), "--image-dir", str(tmp_path / "img"), "--foreground"],
@@ -415,13 +431,8 @@ def test_journal_entries_carry_instance_token_event(tmp_path: Path) -> None:
             assert proc.wait(30) == 0
         finally:
             proc.kill()
-        entries = []
-        sock.settimeout(0)
-        while True:
-            try:
-                entries.append(parse_journal_entry(sock.recv(1 << 16)))
-            except BlockingIOError:
-                break
+            done.set()
+            reader.join()
     assert (tmp_path / "stderr").read_bytes() == b"", "every line went to the journal, none to stderr"
     assert all(e["SYSLOG_IDENTIFIER"] == "kexecfs" and e["PRIORITY"].isdigit() for e in entries), entries
     about_db = [e for e in entries if e.get("INSTANCE") == "db"]
