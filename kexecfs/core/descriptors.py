@@ -181,10 +181,11 @@ class DescriptorCache:
             self._evict()
 
     def forget(self, name: str) -> None:
-        """The store let go of ``name`` (or replaced it): the copy goes too, once unused."""
+        """The store let go of ``name``: the copy goes too, now or, if in use, at a later
+        eviction (names are never given twice, so a stale copy is never served)."""
         with self._lock:
             if name in self._pins:
-                return  # closed by a later eviction; a replaced name is fetched again then
+                return
             fd = self._fds.pop(name, None)
         if fd is not None:
             os.close(fd)
