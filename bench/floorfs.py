@@ -7,7 +7,10 @@ timeouts (1 s; for ``fds/<token>`` entries 0 and attributes 1 ms). Every handler
 texts, writes accepted and dropped, ioctls answered synchronously from the hook's
 callback. The tree mirrors kexecfs's, so the benchmark client uses the same paths::
 
-    state  control  status  inst/{state,fd_preserve,fd_unpreserve,control,fds/0}
+    state  control  status  inst/{state,fd_preserve,fd_unpreserve,control,fds/<token>}
+
+where ``fds/<token>`` is any decimal token, each its own inode, so that a restore of many
+files walks as many names as kexecfs's does.
 
 Usage: python bench/floorfs.py MOUNTPOINT   (serves in the foreground until unmounted)
 
@@ -56,8 +59,8 @@ TREE = {
     19: ("fd_unpreserve", 16, stat.S_IFREG | 0o200, TIMEOUT),
     20: ("control", 16, stat.S_IFREG | 0o600, TIMEOUT),
     21: ("fds", 16, stat.S_IFDIR | 0o755, TIMEOUT),
-    1 << 48: ("0", 21, stat.S_IFREG | 0o600, 0.0),
 }
+FDS, TOKEN_BASE = 21, 1 << 48  # kexecfs numbers a token's inode from 1 << 48 too
 CHILDREN: dict[int, dict[bytes, int]] = {}
 for _ino, (_name, _parent, _mode, _t) in TREE.items():
     if _ino != 1:
@@ -65,12 +68,12 @@ for _ino, (_name, _parent, _mode, _t) in TREE.items():
 
 
 def _make_attrs(ino: int) -> pyfuse3.EntryAttributes:
-    _name, _parent, mode, timeout = TREE[ino]
+    _name, _parent, mode, timeout = TREE[ino] if ino < TOKEN_BASE else ("", FDS, stat.S_IFREG | 0o600, 0.0)
     a = pyfuse3.EntryAttributes()
     a.st_ino = ino
     a.st_mode = mode
     a.st_nlink = 2 if stat.S_ISDIR(mode) else 1
-    a.st_size = 1 << 20 if ino == 1 << 48 else 0
+    a.st_size = 1 << 20 if ino >= TOKEN_BASE else 0
     a.st_blksize = 4096
     a.entry_timeout = timeout
     a.attr_timeout = timeout or 0.001
@@ -81,21 +84,29 @@ def _make_attrs(ino: int) -> pyfuse3.EntryAttributes:
 ATTRS = {ino: _make_attrs(ino) for ino in TREE}
 
 
+def _attrs(ino: int) -> pyfuse3.EntryAttributes:
+    if ino not in ATTRS:  # a token's, made once at its first lookup
+        ATTRS[ino] = _make_attrs(ino)
+    return ATTRS[ino]
+
+
 class FloorFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
     async def lookup(self, parent_inode, name, ctx):
+        if parent_inode == FDS and name.isdigit():
+            return _attrs(TOKEN_BASE + int(name))
         try:
             return ATTRS[CHILDREN[parent_inode][name]]
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     async def getattr(self, inode, ctx):
-        return ATTRS[inode]
+        return _attrs(inode)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        return ATTRS[inode]
+        return _attrs(inode)
 
     async def opendir(self, inode, ctx):
         return inode
