@@ -233,17 +233,23 @@ def test_freeze_kexec_recover_round_trip(machine: LiveUpdate, tmp_path: Path) ->
     assert list((machine.image_dir / "retired").iterdir()), "finish keeps the image aside"
 
 
-def test_unrestored_files_are_dropped_at_finish(machine: LiveUpdate) -> None:
+def test_unrestored_files_are_dropped_at_finish(machine: LiveUpdate, caplog: pytest.LogCaptureFixture) -> None:
+    """...and finish names them: restores are logged at debug level only, so this line is
+    where an operator learns which files a service never took back."""
     inst = machine.create_instance("svc", ROOT)
-    machine.preserve(inst, ROOT, memfd(b"a"), 1)
-    machine.preserve(inst, ROOT, memfd(b"b"), 2)
+    for token in (1, 2, 3):
+        machine.preserve(inst, ROOT, memfd(b"a"), token)
     run(machine, "prepare")
     run(machine, "kexec")  # freezes first
     after = LiveUpdate.boot(machine.image_dir, boot_id="b2")
     after.restore(after.instances["svc"], ROOT, 2)
     assert errno_of(run, after, "prepare") == errno.EINVAL
-    run(after, "finish")
+    with caplog.at_level("INFO", logger="kexecfs.machine"):
+        run(after, "finish")
     assert sorted(after.instances["svc"].files) == [2]
+    dropped = [r for r in caplog.records if "never restored" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in dropped] == [
+        ("WARNING", "instance 'svc': 1 restored file(s) kept, 2 never restored and dropped (tokens 1, 3)")]
 
 
 def test_plain_kexec_from_normal_loses_everything(machine: LiveUpdate) -> None:
