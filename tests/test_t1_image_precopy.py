@@ -3,6 +3,7 @@ the image still checks out after the freeze."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -16,15 +17,21 @@ from kexecfs.core.machine import LiveUpdate, State
 ROOT = Caller(pid=os.getpid(), uid=0, gid=0)
 
 
-def test_a_change_undone_during_prepare_leaves_a_sound_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sealed", [pytest.param(False, id="read"), pytest.param(True, id="mapped")])
+def test_a_change_undone_during_prepare_leaves_a_sound_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             sealed: bool) -> None:
     """A running guest changes a byte right after prepare checksummed its chunk, and changes
     it back before the freeze (a flag, a lock word). The freeze sees the chunk as it was
-    checksummed and rewrites nothing, so the image must hold the bytes its checksum is of."""
+    checksummed and rewrites nothing, so the image must hold the bytes its checksum is of.
+    Both ways of reading: with pread (a memfd that can shrink) and through a mapping (one
+    sealed against shrinking, as QEMU seals guest RAM)."""
     machine = LiveUpdate.boot(tmp_path / "images", boot_id="boot-1")
     inst = machine.create_instance("vm", ROOT)
     data = os.urandom(4 << 20)
-    ram = os.memfd_create("guest-ram")
+    ram = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
     os.write(ram, data)
+    if sealed:
+        fcntl.fcntl(ram, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     machine.preserve(inst, ROOT, os.dup(ram), 2)
     real_crc32 = image.crc32
     flipped = []

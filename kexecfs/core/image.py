@@ -34,8 +34,15 @@ checks every byte of the image (a whole-image checksum without a second pass).
 The writer builds the image in a temporary file in the image directory, fsyncs it,
 renames it over ``handover.kximg`` and fsyncs the directory: after a crash at any
 moment the directory holds the previous image or the complete new one, never half of
-one. Contents travel through mmap windows of the source (copy and CRC in one pass,
-without a Python object per file), so memory stays bounded by the window size.
+one. A preserved file that can shrink is read with pread(2), a chunk at a time, into
+the writer's one buffer: its owner may truncate it at any moment, and touching a mapping
+past the end of a file is SIGBUS, which would kill the daemon. One that cannot (a memfd
+sealed with F_SEAL_SHRINK, as QEMU seals guest RAM) is read through mmap windows, in
+place: a freeze's re-check of unchanged bytes is then one pass at memory speed, about
+half the time of copying them out first. Whatever is written is first copied into the
+buffer, and its CRC and its write both take that copy. The image, which the daemon
+alone writes, is read back through mmap windows. Memory stays bounded by a chunk and a
+window, whatever the sizes.
 
 A record of an unknown type is skipped with a warning; anything that does not parse,
 check or fit the limits below makes the whole image refused (:class:`ImageError`).
@@ -66,7 +73,8 @@ try:
 except ImportError:  # no wheel for this platform: the same values, slower
     from zlib import crc32
 
-from .faults import inject
+from .errors import fail
+from .faults import delay, inject
 from .names import check_name
 from .kinds import KINDS
 
@@ -80,7 +88,7 @@ TRAILER = struct.Struct(">8sQQQ32s8x")
 DATA_START = 4096
 PAGE = mmap.PAGESIZE
 CHUNK_SIZE = 1 << 20
-# Contents are mapped this much at a time: the bound on what freeze adds to the
+# Recovery maps the image this much at a time: the bound on what it adds to the
 # daemon's resident memory, however large the preserved files are.
 WINDOW = 16 << 20
 # Recovery asks the kernel to read this much beyond the window it works on. After a real
@@ -115,20 +123,61 @@ def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
             return
         if start >= size:
             return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        try:
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError:  # ENXIO: the file shrank below start meanwhile
+            raise _shrank(start, size) from None
         yield start, end - start
         pos = end
 
 
-def _windows(fd: int, offset: int, length: int, access: int = mmap.ACCESS_READ) -> Iterator[tuple[int, memoryview]]:
+def _shrank(where: int, size: int) -> Exception:
+    return fail(errno.EAGAIN, f"the file shrank while it was read (it had {size} bytes, and ends before "
+                              f"{where} now); nothing was written: try again")
+
+
+def _pieces(fd: int, offset: int, length: int, buffer: bytearray) -> Iterator[tuple[int, memoryview]]:
+    """Read ``length`` bytes of a preserved file from ``offset`` into ``buffer``, a
+    buffer at a time: (offset, view), each view valid until the next. A file that
+    ends early is an error (EAGAIN) where a mapping would have been SIGBUS."""
+    end = offset + length
+    with memoryview(buffer) as whole:
+        while offset < end:
+            size = min(len(buffer), end - offset)
+            with whole[:size] as view:
+                done = 0
+                while done < size:
+                    with view[done:] as rest:
+                        n = os.preadv(fd, [rest], offset + done)
+                    if n == 0:
+                        raise _shrank(offset + done, end)
+                    done += n
+                yield offset, view
+            offset += size
+
+
+def _chunks(fd: int, offset: int, length: int, buffer: bytearray, mapped: bool) -> Iterator[tuple[int, memoryview]]:
+    """A preserved file's bytes from ``offset``, a chunk (``len(buffer)``) at a time:
+    (offset, view), each view valid until the next. ``mapped`` (only for a file that
+    cannot shrink): views of a mapping, read in place; otherwise views of ``buffer``."""
+    if not mapped:
+        yield from _pieces(fd, offset, length, buffer)
+        return
+    for window_offset, window in _windows(fd, offset, length):
+        for i in range(0, len(window), len(buffer)):
+            with window[i:i + len(buffer)] as view:
+                yield window_offset + i, view
+
+
+def _windows(fd: int, offset: int, length: int) -> Iterator[tuple[int, memoryview]]:
     """Map ``fd`` from ``offset`` for ``length`` bytes in WINDOW slices: (offset, view)."""
     # Windows start at offset + k * WINDOW, so chunk boundaries (which divide WINDOW)
-    # fall at the same places for the writer and the reader.
+    # fall at the same places as where the writer put them.
     end = offset + length
     while offset < end:
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
         stop = min(end, offset + WINDOW)
-        with mmap.mmap(fd, stop - base, access=access, offset=base) as mm:
+        with mmap.mmap(fd, stop - base, access=mmap.ACCESS_READ, offset=base) as mm:
             # Released before the map is closed: mmap refuses to close while a view exists.
             with memoryview(mm) as whole, whole[offset - base: stop - base] as view:
                 yield offset, view
@@ -151,10 +200,6 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
         return done
 
 
-def _chunk_crcs(view: memoryview, chunk: int) -> list[int]:
-    return [crc32(view[i:i + chunk]) for i in range(0, len(view), chunk)]
-
-
 class ImageWriter:
     """Builds one handover image in a temporary file; :meth:`commit` makes it current.
 
@@ -174,6 +219,7 @@ class ImageWriter:
         self.end = DATA_START
         self.bytes_written = 0
         self.bytes_checked = 0  # contents re-read by refresh_contents (at freeze)
+        self._buffer = bytearray(chunk_size)  # each chunk of a preserved file, read into it
         self.committed = False  # renamed over the current image
 
     def _report(self, n: int) -> None:
@@ -181,41 +227,39 @@ class ImageWriter:
         if self.progress:
             self.progress(self.bytes_written, 0)
 
-    def copy_contents(self, fd: int, size: int) -> list[Extent]:
-        """Append the data of ``fd`` (readable, mappable) to the image; return its extents."""
+    def copy_contents(self, fd: int, size: int, mapped: bool = False) -> list[Extent]:
+        """Append the data of ``fd`` (readable) to the image; return its extents.
+        ``mapped``: read it through a mapping, for a file that cannot shrink."""
         extents: list[Extent] = []
         for start, length in data_ranges(fd, size):
             image_off = self.end = _align(self.end)
             crcs: list[int] = []
-            for off, view in _windows(fd, start, length):
-                for i in range(0, len(view), self.chunk_size):
-                    with view[i:i + self.chunk_size] as part:
-                        crcs.append(self._write_chunk(part, image_off + off - start + i))
+            for off, view in _chunks(fd, start, length, self._buffer, mapped):
+                crcs.append(self._write_chunk(view, image_off + off - start))
                 self._report(len(view))
                 inject("image.copy_window")
+                time.sleep(delay("image.copy_chunk"))
             extents.append([start, length, image_off, crcs])
             self.end = image_off + length
         return extents
 
-    def refresh_contents(self, fd: int, size: int, extents: list[Extent]) -> list[Extent]:
+    def refresh_contents(self, fd: int, size: int, extents: list[Extent], mapped: bool = False) -> list[Extent]:
         """Bring contents copied earlier up to date, rewriting only changed chunks.
 
         If the file's layout (size or holes) changed, its contents are copied anew.
         """
         layout = [[s, n] for s, n in data_ranges(fd, size)]
         if layout != [[e[0], e[1]] for e in extents]:
-            return self.copy_contents(fd, size)
-        chunk = self.chunk_size
+            return self.copy_contents(fd, size, mapped)
         for start, length, image_off, crcs in extents:
-            for off, view in _windows(fd, start, length):
+            for off, view in _chunks(fd, start, length, self._buffer, mapped):
                 self.bytes_checked += len(view)
-                first = (off - start) // chunk
-                for i, crc in enumerate(_chunk_crcs(view, chunk)):
-                    if crc != crcs[first + i]:
-                        with view[i * chunk:(i + 1) * chunk] as part:
-                            crcs[first + i] = self._write_chunk(part, image_off + off - start + i * chunk)
-                            self._report(len(part))
+                n = (off - start) // self.chunk_size
+                if crc32(view) != crcs[n]:
+                    crcs[n] = self._write_chunk(view, image_off + off - start)
+                    self._report(len(view))
                 inject("image.refresh_window")
+                time.sleep(delay("image.refresh_chunk"))
         return extents
 
     def sync(self) -> None:
@@ -226,14 +270,16 @@ class ImageWriter:
         """Write one chunk; return the CRC of exactly the bytes written.
 
         The file may change while it is read (prepare runs beside the service: a guest's
-        RAM changes all the time), so the chunk is copied out once and both the checksum
-        and the write take that copy. A checksum of the live map and a write of it a
-        moment later could disagree; if the bytes then changed back before the freeze, the
-        freeze would see nothing to rewrite and the image would fail its own check.
+        RAM changes all the time), so the checksum and the write both take one copy in
+        the buffer. A checksum of the live map and a write of it a moment later could
+        disagree; if the bytes then changed back before the freeze, the freeze would see
+        nothing to rewrite and the image would fail its own check.
         """
-        data = bytes(view)
-        pwrite_all(self.fd, data, image_offset)
-        return crc32(data)
+        with memoryview(self._buffer)[:len(view)] as copy:
+            if view.obj is not self._buffer:  # a view of a mapping: the live file
+                copy[:] = view
+            pwrite_all(self.fd, copy, image_offset)
+            return crc32(copy)
 
     def commit(self, index: dict[str, Any]) -> Path:
         """Write the index and trailer, make the image durable and current; return its path."""

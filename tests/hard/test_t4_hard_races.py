@@ -371,3 +371,46 @@ def test_instances_do_not_change_once_frozen(tmp_path: Path) -> None:
     finally:
         d.stop()
     d.check_log()
+
+
+@pytest.mark.parametrize("event", ["prepare", "freeze"])
+def test_a_file_truncated_while_it_is_copied_fails_the_event_not_the_daemon(tmp_path: Path, event: str) -> None:
+    """A service may truncate its memfd while prepare (or freeze) copies it. The daemon
+    read it through a mapping: a touch past the new end is SIGBUS, and an owner could
+    kill the root daemon at will (one run in four here, racing). Now the event fails
+    with EAGAIN and a line saying so, the daemon serves on, and the next update works. The
+    daemon holds each copied chunk half a second, so the truncation lands mid-copy."""
+    phase = "copy" if event == "prepare" else "refresh"
+    d = Daemon.at(tmp_path)
+    d.start(faults=f"image.{phase}_chunk=delay")
+    mnt = d.mountpoint
+    try:
+        os.mkdir(mnt / "svc")
+        memfd = os.memfd_create("shrinking")
+        data = os.urandom(4 * MiB)
+        os.write(memfd, data)
+        assert preserve(mnt, "svc", memfd, 1) == 0
+        if event == "freeze":
+            sh_state_event(mnt, "prepare")
+        result: list[int] = []
+        writer = Racer(lambda: result.append(write_errno(mnt / "state", event.encode())))
+        with watchdog(mnt, 60, f"{event} of a file truncated meanwhile"):
+            writer.start()
+            time.sleep(0.25)  # the first chunk is copied; the daemon waits before the second
+            os.ftruncate(memfd, 4096)
+            writer.join()
+        assert result == [errno.EAGAIN], f"{event}: errno {result}; log: {d.log_text()[-1500:]}"
+        assert d.proc is not None and d.proc.poll() is None, "the daemon died"
+        assert "the file shrank while it was read" in d.log_text()
+        assert state(mnt) == "normal", "a failed prepare or freeze goes back to normal (SPEC 5)"
+        os.pwrite(memfd, data, 0)  # the service puts it back; nothing was lost meanwhile
+        for e in ("prepare", "freeze", "kexec"):
+            sh_state_event(mnt, e)
+        restored = os.open(mnt / "svc" / "fds" / "1", os.O_RDONLY)
+        try:
+            assert digest(restored, len(data)) == digest(memfd, len(data))
+        finally:
+            os.close(restored)
+    finally:
+        d.stop()
+    d.check_log()

@@ -62,10 +62,13 @@ class Memfd(Kind):
         # also makes a memfd the service opened write-only readable.
         readable = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         try:
+            # Sealed against shrinking, it can be mapped: no truncation can make a read of
+            # the mapping SIGBUS (seals are never taken away).
+            mapped = bool(record["seals"] & fcntl.F_SEAL_SHRINK)
             if previous is None:
-                record["extents"] = writer.copy_contents(readable, record["size"])
+                record["extents"] = writer.copy_contents(readable, record["size"], mapped)
             else:
-                record["extents"] = writer.refresh_contents(readable, record["size"], previous["extents"])
+                record["extents"] = writer.refresh_contents(readable, record["size"], previous["extents"], mapped)
         finally:
             os.close(readable)
         return record
