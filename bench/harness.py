@@ -11,6 +11,7 @@ a :class:`Section`: its data (written to ``bench/results/<name>.json``) and its
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -263,11 +264,15 @@ def _dead_mount(path: Path) -> bool:
 # ---------------------------------------------------------------------------- memfds and tools
 
 def make_memfd(size: int, name: str = "bench") -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """A memfd of ``size`` bytes, sealed against shrinking and growing as QEMU seals guest
+    RAM: kexecfs reads such a file through a mapping, and one that can shrink with
+    pread(2), which costs a freeze about twice as much (bench/README.md, section 8)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     done = 0
     while done < size:
         done += os.write(fd, PATTERN[:min(MiB, size - done)])
     os.lseek(fd, 0, os.SEEK_SET)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 
