@@ -266,7 +266,7 @@ def _dead_mount(path: Path) -> bool:
 def make_memfd(size: int, name: str = "bench") -> int:
     """A memfd of ``size`` bytes, sealed against shrinking and growing as QEMU seals guest
     RAM: kexecfs reads such a file through a mapping, and one that can shrink with
-    pread(2), which costs a freeze about twice as much (bench/README.md, section 8)."""
+    pread(2), which costs a freeze about 1.4x as much (bench/README.md, section 8)."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     done = 0
     while done < size:

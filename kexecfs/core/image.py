@@ -238,7 +238,8 @@ class ImageWriter:
                 crcs.append(self._write_chunk(view, image_off + off - start))
                 self._report(len(view))
                 inject("image.copy_window")
-                time.sleep(delay("image.copy_chunk"))
+                if pause := delay("image.copy_chunk"):  # tests only; sleep(0) would yield the GIL
+                    time.sleep(pause)
             extents.append([start, length, image_off, crcs])
             self.end = image_off + length
         return extents
@@ -259,7 +260,8 @@ class ImageWriter:
                     crcs[n] = self._write_chunk(view, image_off + off - start)
                     self._report(len(view))
                 inject("image.refresh_window")
-                time.sleep(delay("image.refresh_chunk"))
+                if pause := delay("image.refresh_chunk"):  # tests only; sleep(0) would yield the GIL
+                    time.sleep(pause)
         return extents
 
     def sync(self) -> None:
