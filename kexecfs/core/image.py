@@ -39,7 +39,7 @@ the writer's one buffer: its owner may truncate it at any moment, and touching a
 past the end of a file is SIGBUS, which would kill the daemon. One that cannot (a memfd
 sealed with F_SEAL_SHRINK, as QEMU seals guest RAM) is read through mmap windows, in
 place: a freeze's re-check of unchanged bytes is then one pass at memory speed, about
-half the time of copying them out first. Whatever is written is first copied into the
+0.7 of the time that copying them out first takes. Whatever is written is copied into the
 buffer, and its CRC and its write both take that copy. The image, which the daemon
 alone writes, is read back through mmap windows. Memory stays bounded by a chunk and a
 window, whatever the sizes.
@@ -237,7 +237,7 @@ class ImageWriter:
             for off, view in _chunks(fd, start, length, self._buffer, mapped):
                 crcs.append(self._write_chunk(view, image_off + off - start))
                 self._report(len(view))
-                inject("image.copy_window")
+                inject("image.copy_window")  # (named when windows were the unit; a chunk now)
                 if pause := delay("image.copy_chunk"):  # tests only; sleep(0) would yield the GIL
                     time.sleep(pause)
             extents.append([start, length, image_off, crcs])
