@@ -377,7 +377,7 @@ def test_instances_do_not_change_once_frozen(tmp_path: Path) -> None:
 def test_a_file_truncated_while_it_is_copied_fails_the_event_not_the_daemon(tmp_path: Path, event: str) -> None:
     """A service may truncate its memfd while prepare (or freeze) copies it. The daemon
     read it through a mapping: a touch past the new end is SIGBUS, and an owner could
-    kill the root daemon at will (one run in four here, racing). Now the event fails
+    kill the root daemon at will (two runs in ten here, racing). Now the event fails
     with EAGAIN and a line saying so, the daemon serves on, and the next update works. The
     daemon holds each copied chunk half a second, so the truncation lands mid-copy."""
     phase = "copy" if event == "prepare" else "refresh"
