@@ -321,10 +321,7 @@ class Journal:
         if not self.users[name]:
             del self.users[name]
             if release:
-                self._release(name)
-
-    def _release(self, name: str) -> None:
-        self._release_all([name])
+                self._release_all([name])
 
     def _release_all(self, names: list[str]) -> None:
         """Let the store go of ``names``: in batches where it can (keepers), since a

@@ -119,9 +119,10 @@ class SystemdStore:
             for name in names:
                 self.release(name)
             return
-        self.keepers.release_many([n for n in names if self._to_keepers(n)])
+        theirs = {n for n in names if self._to_keepers(n)}
+        self.keepers.release_many([n for n in names if n in theirs])
         for name in names:
-            if not self._to_keepers(name):
+            if name not in theirs:
                 self.release(name)
 
     def retrieve(self) -> dict[str, int]:

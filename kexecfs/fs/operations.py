@@ -240,6 +240,9 @@ class KexecfsOperations(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = DIR_TIMEOUT
         a.st_nlink = 1
         if pf is not None:
+            # The size needs the file's descriptor. This is the first request of each
+            # restore and each stat (a LOOKUP), and the next tokens' are likely needed next.
+            inst.warm_from(pf.token)  # type: ignore[union-attr]
             a.st_mode = stat.S_IFREG | pf.permission_bits()
             a.st_size = pf.size
             a.entry_timeout, a.attr_timeout = 0, TOKEN_ATTR_TIMEOUT
@@ -297,13 +300,7 @@ class KexecfsOperations(pyfuse3.Operations):
             if parent_inode == ROOT_INO or inst is None:
                 return self._attrs(ROOT_INO)
             return self._attrs(inst.ino if parent_inode != inst.ino else ROOT_INO)
-        ino = self._child(parent_inode, text)
-        _node, inst, pf = self._resolve(ino)
-        if pf is not None:
-            # The first request of each restore (and of each stat): its attributes need the
-            # file's descriptor, and the next tokens' are likely needed next.
-            inst.warm_from(pf.token)  # type: ignore[union-attr]
-        return self._attrs(ino)
+        return self._attrs(self._child(parent_inode, text))
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
